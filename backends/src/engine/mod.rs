@@ -1,0 +1,22 @@
+//! The embedded broker: virtual hosts with exchanges, queues, bindings and consumers.
+//!
+//! Locking: the vhost's maps are read on lookups only (a channel caches what it resolved); each
+//! queue has its own short lock that is never held across an `.await`. Lock order is always
+//! queue → consumer (channel) state, never the reverse, so delivery can run on whichever task
+//! made a message or credit available.
+
+mod error;
+mod exchange;
+mod headers;
+mod queue;
+mod topic;
+mod vhost;
+
+pub use error::{EngineError, ErrorCode};
+pub use exchange::{Exchange, ExchangeKind};
+pub use queue::{Consumer, Offer, Queue, QueueOptions, QueuedMessage};
+pub use topic::TopicTrie;
+pub use vhost::{DeclaredQueue, ExchangeOptions, VHost};
+
+/// The identity of a client connection, for exclusive queues.
+pub type ConnectionId = u64;

@@ -1,0 +1,474 @@
+//! A virtual host: the namespace of exchanges and queues, and the operations that change it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use amq_protocol::types::{FieldTable, ShortString};
+use parking_lot::RwLock;
+use rand::Rng;
+
+use super::exchange::bool_str;
+use super::{ConnectionId, EngineError, Exchange, ExchangeKind, Queue, QueueOptions};
+
+/// Arguments of exchange.declare other than the name.
+#[derive(Debug, Clone, Default)]
+pub struct ExchangeOptions {
+    pub kind: String,
+    pub passive: bool,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+}
+
+/// The answer to queue.declare.
+#[derive(Debug, Clone)]
+pub struct DeclaredQueue {
+    pub queue: Arc<Queue>,
+    pub message_count: u32,
+    pub consumer_count: u32,
+    pub created: bool,
+}
+
+pub struct VHost {
+    name: ShortString,
+    exchanges: RwLock<HashMap<ShortString, Arc<Exchange>>>,
+    queues: RwLock<HashMap<ShortString, Arc<Queue>>>,
+    /// Bumped whenever an exchange or queue is deleted, so callers that cache lookups know
+    /// their cache may hold a deleted entity.
+    generation: AtomicU64,
+}
+
+impl std::fmt::Debug for VHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VHost").field("name", &self.name).finish()
+    }
+}
+
+const DEFAULT_EXCHANGES: &[(&str, ExchangeKind)] = &[
+    ("", ExchangeKind::Direct),
+    ("amq.direct", ExchangeKind::Direct),
+    ("amq.fanout", ExchangeKind::Fanout),
+    ("amq.topic", ExchangeKind::Topic),
+    ("amq.headers", ExchangeKind::Headers),
+    ("amq.match", ExchangeKind::Headers),
+];
+
+impl VHost {
+    pub fn new(name: &str) -> Arc<VHost> {
+        let exchanges = DEFAULT_EXCHANGES
+            .iter()
+            .map(|(name, kind)| {
+                let ex = Exchange::new(
+                    (*name).into(),
+                    *kind,
+                    true,
+                    false,
+                    false,
+                    FieldTable::default(),
+                );
+                (ShortString::from(*name), Arc::new(ex))
+            })
+            .collect();
+        Arc::new(VHost {
+            name: name.into(),
+            exchanges: RwLock::new(exchanges),
+            queues: RwLock::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        self.name.as_str()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn exchange(&self, name: &str) -> Result<Arc<Exchange>, EngineError> {
+        self.exchanges
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| EngineError::not_found("exchange", name, self.name()))
+    }
+
+    pub fn declare_exchange(
+        &self,
+        name: &str,
+        opts: ExchangeOptions,
+    ) -> Result<Arc<Exchange>, EngineError> {
+        if opts.passive {
+            return self.exchange(name);
+        }
+        let kind = ExchangeKind::parse(&opts.kind)?;
+        if name.starts_with("amq.") || name.is_empty() {
+            if let Ok(existing) = self.exchange(name) {
+                // Redeclaring a built-in exchange with its own settings is allowed.
+                if existing
+                    .check_equivalent(
+                        self.name(),
+                        kind,
+                        opts.durable,
+                        opts.auto_delete,
+                        opts.internal,
+                        &opts.arguments,
+                    )
+                    .is_ok()
+                {
+                    return Ok(existing);
+                }
+            }
+            return Err(EngineError::access_refused(format!(
+                "exchange name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        let mut exchanges = self.exchanges.write();
+        if let Some(existing) = exchanges.get(name) {
+            existing.check_equivalent(
+                self.name(),
+                kind,
+                opts.durable,
+                opts.auto_delete,
+                opts.internal,
+                &opts.arguments,
+            )?;
+            return Ok(existing.clone());
+        }
+        let ex = Arc::new(Exchange::new(
+            name.into(),
+            kind,
+            opts.durable,
+            opts.auto_delete,
+            opts.internal,
+            opts.arguments,
+        ));
+        exchanges.insert(name.into(), ex.clone());
+        Ok(ex)
+    }
+
+    pub fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), EngineError> {
+        if name.is_empty() || name.starts_with("amq.") {
+            return Err(EngineError::access_refused(format!(
+                "operation not permitted on the default exchange '{name}'"
+            )));
+        }
+        let mut exchanges = self.exchanges.write();
+        let Some(ex) = exchanges.get(name) else {
+            return Err(EngineError::not_found("exchange", name, self.name()));
+        };
+        if if_unused && ex.has_bindings() {
+            return Err(EngineError::precondition(format!(
+                "exchange '{name}' in vhost '{}' in use",
+                self.name()
+            )));
+        }
+        exchanges.remove(name);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Finds a queue the connection `owner` may use: 404 if absent, 405 if another connection's
+    /// exclusive queue.
+    pub fn queue(&self, name: &str, owner: ConnectionId) -> Result<Arc<Queue>, EngineError> {
+        let queue = self
+            .queues
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| EngineError::not_found("queue", name, self.name()))?;
+        self.check_exclusive(&queue, owner)?;
+        Ok(queue)
+    }
+
+    /// The queue the default exchange routes `routing_key` to, if any.
+    pub fn queue_by_name(&self, name: &str) -> Option<Arc<Queue>> {
+        self.queues.read().get(name).cloned()
+    }
+
+    fn check_exclusive(&self, queue: &Queue, owner: ConnectionId) -> Result<(), EngineError> {
+        match queue.options().exclusive {
+            Some(o) if o != owner => Err(EngineError::new(
+                super::ErrorCode::ResourceLocked,
+                format!(
+                    "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+                    queue.name(),
+                    self.name()
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn declare_queue(
+        &self,
+        name: &str,
+        passive: bool,
+        options: QueueOptions,
+    ) -> Result<DeclaredQueue, EngineError> {
+        let owner = options.exclusive.unwrap_or(0);
+        if passive {
+            let queue = self.queue(name, owner)?;
+            let (message_count, consumer_count) = queue.counts();
+            return Ok(DeclaredQueue {
+                queue,
+                message_count,
+                consumer_count,
+                created: false,
+            });
+        }
+        if name.starts_with("amq.") {
+            return Err(EngineError::access_refused(format!(
+                "queue name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        let name: ShortString = if name.is_empty() {
+            generate_queue_name().into()
+        } else {
+            name.into()
+        };
+        let mut queues = self.queues.write();
+        if let Some(existing) = queues.get(&name) {
+            let existing = existing.clone();
+            drop(queues);
+            self.check_exclusive(&existing, owner)?;
+            self.check_queue_equivalent(&existing, &options)?;
+            let (message_count, consumer_count) = existing.counts();
+            return Ok(DeclaredQueue {
+                queue: existing,
+                message_count,
+                consumer_count,
+                created: false,
+            });
+        }
+        let queue = Queue::new(name.clone(), self.name.clone(), options);
+        queues.insert(name, queue.clone());
+        Ok(DeclaredQueue {
+            queue,
+            message_count: 0,
+            consumer_count: 0,
+            created: true,
+        })
+    }
+
+    fn check_queue_equivalent(&self, q: &Queue, new: &QueueOptions) -> Result<(), EngineError> {
+        let cur = q.options();
+        let differ = |arg: &str, received: &str, current: &str| {
+            Err(EngineError::precondition(format!(
+                "inequivalent arg '{arg}' for queue '{}' in vhost '{}': received '{received}' but current is '{current}'",
+                q.name(),
+                self.name()
+            )))
+        };
+        if new.durable != cur.durable {
+            return differ("durable", bool_str(new.durable), bool_str(cur.durable));
+        }
+        if new.exclusive.is_some() != cur.exclusive.is_some() {
+            return differ(
+                "exclusive",
+                bool_str(new.exclusive.is_some()),
+                bool_str(cur.exclusive.is_some()),
+            );
+        }
+        if new.auto_delete != cur.auto_delete {
+            return differ(
+                "auto_delete",
+                bool_str(new.auto_delete),
+                bool_str(cur.auto_delete),
+            );
+        }
+        // RabbitMQ compares the x- arguments it knows; both sides must agree on each.
+        for (key, value) in cur.arguments.inner().iter().chain(new.arguments.inner()) {
+            if !key.as_str().starts_with("x-") {
+                continue;
+            }
+            let (a, b) = (new.arguments.inner().get(key), cur.arguments.inner().get(key));
+            if a != b && !integers_equal(a, b) {
+                let _ = value;
+                return differ(key.as_str(), &show(a), &show(b));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn delete_queue(
+        &self,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+        owner: ConnectionId,
+    ) -> Result<u32, EngineError> {
+        let queue = self.queue(name, owner)?;
+        let (messages, consumers) = queue.counts();
+        if if_unused && consumers > 0 {
+            return Err(EngineError::precondition(format!(
+                "queue '{name}' in vhost '{}' in use",
+                self.name()
+            )));
+        }
+        if if_empty && messages > 0 {
+            return Err(EngineError::precondition(format!(
+                "queue '{name}' in vhost '{}' is not empty",
+                self.name()
+            )));
+        }
+        Ok(self.remove_queue(&queue).unwrap_or(0))
+    }
+
+    /// Deletes a queue: out of the namespace, out of every binding, consumers told. Returns the
+    /// number of ready messages dropped, or `None` if it was already gone.
+    pub fn remove_queue(&self, queue: &Arc<Queue>) -> Option<u32> {
+        {
+            let mut queues = self.queues.write();
+            match queues.get(queue.name()) {
+                Some(q) if Arc::ptr_eq(q, queue) => {
+                    queues.remove(queue.name());
+                }
+                _ => return None,
+            }
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let dropped = queue.mark_deleted();
+        let exchanges: Vec<Arc<Exchange>> = self.exchanges.read().values().cloned().collect();
+        for ex in exchanges {
+            if ex.unbind_queue(queue) && ex.auto_delete && !ex.has_bindings() {
+                self.remove_auto_deleted_exchange(&ex);
+            }
+        }
+        dropped
+    }
+
+    fn remove_auto_deleted_exchange(&self, ex: &Arc<Exchange>) {
+        let mut exchanges = self.exchanges.write();
+        if let Some(current) = exchanges.get(&ex.name) {
+            if Arc::ptr_eq(current, ex) && !ex.has_bindings() {
+                exchanges.remove(&ex.name);
+                self.generation.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Deletes the exclusive queues of a connection that has closed.
+    pub fn remove_exclusive_queues(&self, owner: ConnectionId) {
+        let owned: Vec<Arc<Queue>> = self
+            .queues
+            .read()
+            .values()
+            .filter(|q| q.options().exclusive == Some(owner))
+            .cloned()
+            .collect();
+        for q in owned {
+            self.remove_queue(&q);
+        }
+    }
+
+    pub fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+        owner: ConnectionId,
+    ) -> Result<(), EngineError> {
+        let queue = self.queue(queue, owner)?;
+        if exchange.is_empty() {
+            return Err(self.default_exchange_refusal(&queue));
+        }
+        let ex = self.exchange(exchange)?;
+        ex.bind(&queue, routing_key.into(), arguments)
+    }
+
+    pub fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+        owner: ConnectionId,
+    ) -> Result<(), EngineError> {
+        let queue = self.queue(queue, owner)?;
+        if exchange.is_empty() {
+            return Err(self.default_exchange_refusal(&queue));
+        }
+        let ex = self.exchange(exchange)?;
+        // RabbitMQ answers unbind-ok for a binding that does not exist.
+        if ex.unbind(&queue, &routing_key.into(), arguments) && ex.auto_delete && !ex.has_bindings()
+        {
+            self.remove_auto_deleted_exchange(&ex);
+        }
+        Ok(())
+    }
+
+    fn default_exchange_refusal(&self, queue: &Queue) -> EngineError {
+        EngineError::access_refused(format!(
+            "operation not permitted on the default exchange (queue '{}' in vhost '{}')",
+            queue.name(),
+            self.name()
+        ))
+    }
+
+    /// Appends the queues a message published to `exchange` goes to.
+    pub fn route(
+        &self,
+        exchange: &Exchange,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+        out: &mut Vec<Arc<Queue>>,
+    ) {
+        if exchange.name.as_str().is_empty() {
+            if let Some(q) = self.queue_by_name(routing_key) {
+                out.push(q);
+            }
+            return;
+        }
+        exchange.route(routing_key, headers, out);
+    }
+}
+
+fn integers_equal(
+    a: Option<&amq_protocol::types::AMQPValue>,
+    b: Option<&amq_protocol::types::AMQPValue>,
+) -> bool {
+    use amq_protocol::types::AMQPValue as V;
+    fn int(v: &V) -> Option<i128> {
+        Some(match v {
+            V::ShortShortInt(x) => *x as i128,
+            V::ShortShortUInt(x) => *x as i128,
+            V::ShortInt(x) => *x as i128,
+            V::ShortUInt(x) => *x as i128,
+            V::LongInt(x) => *x as i128,
+            V::LongUInt(x) => *x as i128,
+            V::LongLongInt(x) => *x as i128,
+            _ => return None,
+        })
+    }
+    match (a.and_then(int), b.and_then(int)) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    }
+}
+
+fn show(v: Option<&amq_protocol::types::AMQPValue>) -> String {
+    use amq_protocol::types::AMQPValue as V;
+    match v {
+        None => "none".into(),
+        Some(V::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        Some(V::ShortString(s)) => s.to_string(),
+        Some(V::LongLongInt(x)) => x.to_string(),
+        Some(V::LongInt(x)) => x.to_string(),
+        Some(V::ShortInt(x)) => x.to_string(),
+        Some(other) => format!("{other:?}"),
+    }
+}
+
+/// A server-named queue, as RabbitMQ makes them: `amq.gen-` and 22 URL-safe base64 characters.
+fn generate_queue_name() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut rng = rand::thread_rng();
+    let suffix: String = (0..22)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("amq.gen-{suffix}")
+}

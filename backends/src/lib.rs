@@ -1,0 +1,7 @@
+//! Warren's backends. Today: the embedded queue engine (`engine`). The `Backend` trait that
+//! bridges implement joins it later; the engine knows no sockets and no protocol framing.
+
+pub mod engine;
+pub mod message;
+
+pub use message::Message;

@@ -1,0 +1,94 @@
+//! Typed settings for Warren. Plain data: built once at start-up, read by everything, changed by nothing.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything the gateway needs to know before it accepts its first connection.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Addresses to listen on for AMQP 0.9.1. Empty means RabbitMQ's default: port 5672 on every
+    /// IPv4 and IPv6 address.
+    pub listen: Vec<SocketAddr>,
+    pub default_user: DefaultUser,
+    pub limits: Limits,
+    pub product: ProductInfo,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: Vec::new(),
+            default_user: DefaultUser::default(),
+            limits: Limits::default(),
+            product: ProductInfo::default(),
+        }
+    }
+}
+
+/// The user created on first start, as RabbitMQ's guest/guest.
+#[derive(Clone, Debug)]
+pub struct DefaultUser {
+    pub username: String,
+    pub password: String,
+    /// RabbitMQ's `loopback_users`: the default user may log in only from 127.0.0.1/::1.
+    pub loopback_only: bool,
+}
+
+impl Default for DefaultUser {
+    fn default() -> Self {
+        DefaultUser {
+            username: "guest".into(),
+            password: "guest".into(),
+            loopback_only: true,
+        }
+    }
+}
+
+/// Protocol and resource limits offered in connection.tune and enforced by the gateway.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest channel number a client may open (connection.tune channel-max).
+    pub channel_max: u16,
+    /// Largest frame the server accepts and sends, header and end octet included.
+    pub frame_max: u32,
+    /// Heartbeat interval the server proposes; 0 disables heartbeats unless the client asks.
+    pub heartbeat: Duration,
+    /// Largest message body a publisher may send (RabbitMQ's max_message_size, 128 MiB).
+    pub max_message_size: u64,
+    /// Bytes queued for one connection's socket before deliveries to it pause and its own
+    /// reads stop: the bound that keeps a client that does not read from growing our memory.
+    pub outbound_high_watermark: usize,
+    /// How long a new connection may take to finish the handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            channel_max: 2047,
+            frame_max: 131_072,
+            heartbeat: Duration::from_secs(60),
+            max_message_size: 128 * 1024 * 1024,
+            outbound_high_watermark: 1024 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the server tells clients about itself in connection.start.
+#[derive(Clone, Debug)]
+pub struct ProductInfo {
+    pub product: String,
+    pub version: String,
+    pub cluster_name: String,
+}
+
+impl Default for ProductInfo {
+    fn default() -> Self {
+        ProductInfo {
+            product: "Warren".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            cluster_name: "warren".into(),
+        }
+    }
+}
