@@ -207,8 +207,8 @@ impl VHost {
         name: &str,
         passive: bool,
         options: QueueOptions,
+        owner: ConnectionId,
     ) -> Result<DeclaredQueue, EngineError> {
-        let owner = options.exclusive.unwrap_or(0);
         if passive {
             let queue = self.queue(name, owner)?;
             let (message_count, consumer_count) = queue.counts();
@@ -266,11 +266,14 @@ impl VHost {
             return differ("durable", bool_str(new.durable), bool_str(cur.durable));
         }
         if new.exclusive.is_some() != cur.exclusive.is_some() {
-            return differ(
-                "exclusive",
-                bool_str(new.exclusive.is_some()),
-                bool_str(cur.exclusive.is_some()),
-            );
+            return Err(EngineError::new(
+                super::ErrorCode::ResourceLocked,
+                format!(
+                    "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+                    q.name(),
+                    self.name()
+                ),
+            ));
         }
         if new.auto_delete != cur.auto_delete {
             return differ(

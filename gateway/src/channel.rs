@@ -1,0 +1,782 @@
+//! One AMQP channel as its connection's reader task sees it: method handling, publish assembly,
+//! consumers, acknowledgements and confirms.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use amq_protocol::protocol::{basic, channel, confirm, exchange, queue, AMQPClass};
+use amq_protocol::types::ShortString;
+use bytes::{Bytes, BytesMut};
+use warren_backends::engine::{
+    Consumer, ConnectionId, Exchange, ExchangeOptions, Queue, QueueOptions, VHost,
+};
+use warren_backends::Message;
+
+use crate::codec::{ContentHeader, CLASS_BASIC};
+use crate::consumer::{AmqpConsumer, ChannelShared, Unacked};
+use crate::error::{code, Exception};
+use crate::outbox::Outbox;
+
+/// What a channel needs from its connection.
+pub struct ConnContext {
+    pub id: ConnectionId,
+    pub vhost: Arc<VHost>,
+    pub outbox: Arc<Outbox>,
+    pub max_message_size: u64,
+    pub cancel_notify: bool,
+}
+
+/// A message being assembled from publish, header and body frames.
+struct Inbound {
+    exchange: Arc<Exchange>,
+    routing_key: ShortString,
+    mandatory: bool,
+    header: Option<ContentHeader>,
+    body: BodyParts,
+}
+
+enum BodyParts {
+    Empty,
+    /// The common case: the whole body in one frame, kept as a slice of the read buffer.
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl BodyParts {
+    fn len(&self) -> usize {
+        match self {
+            BodyParts::Empty => 0,
+            BodyParts::One(b) => b.len(),
+            BodyParts::Many(b) => b.len(),
+        }
+    }
+
+    fn push(&mut self, part: Bytes, capacity: usize) {
+        *self = match std::mem::replace(self, BodyParts::Empty) {
+            BodyParts::Empty => BodyParts::One(part),
+            BodyParts::One(first) => {
+                let mut all = BytesMut::with_capacity(capacity);
+                all.extend_from_slice(&first);
+                all.extend_from_slice(&part);
+                BodyParts::Many(all)
+            }
+            BodyParts::Many(mut all) => {
+                all.extend_from_slice(&part);
+                BodyParts::Many(all)
+            }
+        }
+    }
+
+    fn freeze(self) -> Bytes {
+        match self {
+            BodyParts::Empty => Bytes::new(),
+            BodyParts::One(b) => b,
+            BodyParts::Many(b) => b.freeze(),
+        }
+    }
+}
+
+struct ConsumerEntry {
+    consumer: Arc<AmqpConsumer>,
+    queue: Arc<Queue>,
+}
+
+pub struct Channel {
+    pub shared: Arc<ChannelShared>,
+    /// The server sent channel.close and waits for close-ok; everything else is dropped.
+    pub closing: bool,
+    inbound: Option<Inbound>,
+    confirm: bool,
+    publish_seq: u64,
+    /// Highest publish sequence number routed but not yet confirmed to the client.
+    confirm_upto: u64,
+    confirmed: u64,
+    consumer_prefetch: u32,
+    consumers: HashMap<ShortString, ConsumerEntry>,
+    exchange_cache: HashMap<ShortString, Arc<Exchange>>,
+    cache_generation: u64,
+    route_buf: Vec<Arc<Queue>>,
+}
+
+/// The outcome of a frame for the connection.
+pub enum Next {
+    Continue,
+    /// The client closed the channel and got close-ok; free its number.
+    Closed,
+}
+
+fn reply(outbox: &Outbox, channel: u16, method: AMQPClass) {
+    outbox.push(|enc, _| enc.method(channel, &method));
+}
+
+fn random_tag(prefix: &str) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut rng = rand::thread_rng();
+    let s: String = (0..22)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("{prefix}{s}")
+}
+
+impl Channel {
+    pub fn new(id: u16, ctx: &ConnContext) -> Channel {
+        Channel {
+            shared: ChannelShared::new(id, ctx.outbox.clone(), ctx.cancel_notify),
+            closing: false,
+            inbound: None,
+            confirm: false,
+            publish_seq: 0,
+            confirm_upto: 0,
+            confirmed: 0,
+            consumer_prefetch: 0,
+            consumers: HashMap::new(),
+            exchange_cache: HashMap::new(),
+            cache_generation: ctx.vhost.generation(),
+            route_buf: Vec::new(),
+        }
+    }
+
+    pub fn id(&self) -> u16 {
+        self.shared.id
+    }
+
+    fn send(&self, ctx: &ConnContext, method: AMQPClass) {
+        reply(&ctx.outbox, self.id(), method);
+    }
+
+    /// Handles one method on this channel. Connection-class methods never reach here.
+    pub fn handle_method(&mut self, ctx: &ConnContext, method: AMQPClass) -> Result<Next, Exception> {
+        if self.inbound.is_some() {
+            return Err(Exception::connection(
+                code::UNEXPECTED_FRAME,
+                format!(
+                    "expected content header for class {CLASS_BASIC}, got non content header frame instead"
+                ),
+            ));
+        }
+        let (class_id, method_id) = method_ids(&method);
+        let result = match method {
+            AMQPClass::Channel(m) => self.channel_method(ctx, m),
+            AMQPClass::Exchange(m) => self.exchange_method(ctx, m).map(|_| Next::Continue),
+            AMQPClass::Queue(m) => self.queue_method(ctx, m).map(|_| Next::Continue),
+            AMQPClass::Basic(m) => self.basic_method(ctx, m).map(|_| Next::Continue),
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(sel)) => {
+                self.confirm = true;
+                if !sel.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
+                    );
+                }
+                Ok(Next::Continue)
+            }
+            AMQPClass::Tx(_) => Err(Exception::connection(
+                code::NOT_IMPLEMENTED,
+                "transactions (tx.*) are not implemented yet",
+            )),
+            AMQPClass::Access(_) => {
+                self.send(
+                    ctx,
+                    AMQPClass::Access(amq_protocol::protocol::access::AMQPMethod::RequestOk(
+                        amq_protocol::protocol::access::RequestOk {},
+                    )),
+                );
+                Ok(Next::Continue)
+            }
+            other => Err(Exception::connection(
+                code::COMMAND_INVALID,
+                format!("method {:?} is not valid from a client", method_ids(&other)),
+            )),
+        };
+        result.map_err(|e| e.on(class_id, method_id))
+    }
+
+    fn channel_method(
+        &mut self,
+        ctx: &ConnContext,
+        m: channel::AMQPMethod,
+    ) -> Result<Next, Exception> {
+        match m {
+            channel::AMQPMethod::Open(_) => Err(Exception::connection(
+                code::CHANNEL_ERROR,
+                "second 'channel.open' seen",
+            )),
+            channel::AMQPMethod::Flow(flow) => {
+                self.shared.state.lock().flow_active = flow.active;
+                self.send(
+                    ctx,
+                    AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
+                        active: flow.active,
+                    })),
+                );
+                if flow.active {
+                    self.dispatch_consumed_queues();
+                }
+                Ok(Next::Continue)
+            }
+            channel::AMQPMethod::FlowOk(_) => Ok(Next::Continue),
+            channel::AMQPMethod::Close(_) => {
+                self.release(ctx);
+                self.send(
+                    ctx,
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                );
+                Ok(Next::Closed)
+            }
+            channel::AMQPMethod::CloseOk(_) => Ok(Next::Closed),
+            channel::AMQPMethod::OpenOk(_) => Err(Exception::connection(
+                code::COMMAND_INVALID,
+                "channel.open-ok is not valid from a client",
+            )),
+        }
+    }
+
+    fn exchange_method(&mut self, ctx: &ConnContext, m: exchange::AMQPMethod) -> Result<(), Exception> {
+        match m {
+            exchange::AMQPMethod::Declare(d) => {
+                ctx.vhost.declare_exchange(
+                    d.exchange.as_str(),
+                    ExchangeOptions {
+                        kind: d.kind.to_string(),
+                        passive: d.passive,
+                        durable: d.durable,
+                        auto_delete: d.auto_delete,
+                        internal: d.internal,
+                        arguments: d.arguments,
+                    },
+                )?;
+                if !d.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(
+                            exchange::DeclareOk {},
+                        )),
+                    );
+                }
+            }
+            exchange::AMQPMethod::Delete(d) => {
+                ctx.vhost.delete_exchange(d.exchange.as_str(), d.if_unused)?;
+                if !d.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})),
+                    );
+                }
+            }
+            exchange::AMQPMethod::Bind(_) | exchange::AMQPMethod::Unbind(_) => {
+                return Err(Exception::connection(
+                    code::NOT_IMPLEMENTED,
+                    "exchange-to-exchange bindings are not implemented yet",
+                ));
+            }
+            _ => {
+                return Err(Exception::connection(
+                    code::COMMAND_INVALID,
+                    "exchange reply methods are not valid from a client",
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn queue_method(&mut self, ctx: &ConnContext, m: queue::AMQPMethod) -> Result<(), Exception> {
+        match m {
+            queue::AMQPMethod::Declare(d) => {
+                let declared = ctx.vhost.declare_queue(
+                    d.queue.as_str(),
+                    d.passive,
+                    QueueOptions {
+                        durable: d.durable,
+                        exclusive: d.exclusive.then_some(ctx.id),
+                        auto_delete: d.auto_delete,
+                        arguments: d.arguments,
+                    },
+                    ctx.id,
+                )?;
+                if !d.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                            queue: declared.queue.name().clone(),
+                            message_count: declared.message_count,
+                            consumer_count: declared.consumer_count,
+                        })),
+                    );
+                }
+            }
+            queue::AMQPMethod::Bind(b) => {
+                ctx.vhost.bind_queue(
+                    b.queue.as_str(),
+                    b.exchange.as_str(),
+                    b.routing_key.as_str(),
+                    b.arguments,
+                    ctx.id,
+                )?;
+                if !b.nowait {
+                    self.send(ctx, AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})));
+                }
+            }
+            queue::AMQPMethod::Unbind(u) => {
+                ctx.vhost.unbind_queue(
+                    u.queue.as_str(),
+                    u.exchange.as_str(),
+                    u.routing_key.as_str(),
+                    &u.arguments,
+                    ctx.id,
+                )?;
+                self.send(
+                    ctx,
+                    AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})),
+                );
+            }
+            queue::AMQPMethod::Purge(p) => {
+                let q = ctx.vhost.queue(p.queue.as_str(), ctx.id)?;
+                let message_count = q.purge();
+                if !p.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
+                            message_count,
+                        })),
+                    );
+                }
+            }
+            queue::AMQPMethod::Delete(d) => {
+                let message_count =
+                    ctx.vhost
+                        .delete_queue(d.queue.as_str(), d.if_unused, d.if_empty, ctx.id)?;
+                self.forget_consumers_of_deleted_queues();
+                if !d.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
+                            message_count,
+                        })),
+                    );
+                }
+            }
+            _ => {
+                return Err(Exception::connection(
+                    code::COMMAND_INVALID,
+                    "queue reply methods are not valid from a client",
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn basic_method(&mut self, ctx: &ConnContext, m: basic::AMQPMethod) -> Result<(), Exception> {
+        match m {
+            basic::AMQPMethod::Publish(p) => self.start_publish(ctx, p),
+            basic::AMQPMethod::Ack(a) => self.ack(a.delivery_tag, a.multiple),
+            basic::AMQPMethod::Nack(n) => self.reject(n.delivery_tag, n.multiple, n.requeue),
+            basic::AMQPMethod::Reject(r) => self.reject(r.delivery_tag, false, r.requeue),
+            basic::AMQPMethod::Qos(q) => {
+                if q.global {
+                    self.shared.state.lock().global_prefetch = q.prefetch_count as u32;
+                    self.dispatch_consumed_queues();
+                } else {
+                    self.consumer_prefetch = q.prefetch_count as u32;
+                }
+                self.send(ctx, AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
+                Ok(())
+            }
+            basic::AMQPMethod::Consume(c) => self.consume(ctx, c),
+            basic::AMQPMethod::Cancel(c) => {
+                self.cancel(ctx, &c.consumer_tag);
+                if !c.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+                            consumer_tag: c.consumer_tag,
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            basic::AMQPMethod::Get(g) => self.get(ctx, g),
+            basic::AMQPMethod::Recover(r) => {
+                self.recover(r.requeue)?;
+                self.send(ctx, AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})));
+                Ok(())
+            }
+            basic::AMQPMethod::RecoverAsync(r) => self.recover(r.requeue),
+            _ => Err(Exception::connection(
+                code::COMMAND_INVALID,
+                "this basic method is not valid from a client",
+            )),
+        }
+    }
+
+    fn exchange(&mut self, ctx: &ConnContext, name: &ShortString) -> Result<Arc<Exchange>, Exception> {
+        let generation = ctx.vhost.generation();
+        if generation != self.cache_generation {
+            self.exchange_cache.clear();
+            self.cache_generation = generation;
+        }
+        if let Some(ex) = self.exchange_cache.get(name) {
+            return Ok(ex.clone());
+        }
+        let ex = ctx.vhost.exchange(name.as_str())?;
+        self.exchange_cache.insert(name.clone(), ex.clone());
+        Ok(ex)
+    }
+
+    fn start_publish(&mut self, ctx: &ConnContext, p: basic::Publish) -> Result<(), Exception> {
+        let exchange = self.exchange(ctx, &p.exchange)?;
+        if exchange.internal {
+            return Err(Exception::channel(
+                code::ACCESS_REFUSED,
+                format!(
+                    "cannot publish to internal exchange '{}' in vhost '{}'",
+                    exchange.name,
+                    ctx.vhost.name()
+                ),
+            ));
+        }
+        if p.immediate {
+            return Err(Exception::connection(
+                code::NOT_IMPLEMENTED,
+                "immediate=true",
+            ));
+        }
+        if self.confirm {
+            self.publish_seq += 1;
+        }
+        self.inbound = Some(Inbound {
+            exchange,
+            routing_key: p.routing_key,
+            mandatory: p.mandatory,
+            header: None,
+            body: BodyParts::Empty,
+        });
+        Ok(())
+    }
+
+    /// A content header frame arrived for this channel.
+    pub fn handle_header(&mut self, ctx: &ConnContext, header: ContentHeader) -> Result<(), Exception> {
+        let Some(inbound) = self.inbound.as_mut().filter(|i| i.header.is_none()) else {
+            return Err(Exception::connection(
+                code::UNEXPECTED_FRAME,
+                "content header frame without basic.publish",
+            ));
+        };
+        if header.class_id != CLASS_BASIC {
+            return Err(Exception::connection(
+                code::FRAME_ERROR,
+                format!("content header for class {} instead of basic", header.class_id),
+            ));
+        }
+        if header.body_size > ctx.max_message_size {
+            let size = header.body_size;
+            self.inbound = None;
+            return Err(Exception::channel(
+                code::PRECONDITION_FAILED,
+                format!(
+                    "message size {size} is larger than configured max size {}",
+                    ctx.max_message_size
+                ),
+            )
+            .on(60, 40));
+        }
+        let done = header.body_size == 0;
+        inbound.header = Some(header);
+        if done {
+            self.finish_publish(ctx)?;
+        }
+        Ok(())
+    }
+
+    /// A body frame arrived for this channel.
+    pub fn handle_body(&mut self, ctx: &ConnContext, part: Bytes) -> Result<(), Exception> {
+        let Some(inbound) = self.inbound.as_mut() else {
+            return Err(Exception::connection(
+                code::UNEXPECTED_FRAME,
+                "content body frame without basic.publish",
+            ));
+        };
+        let Some(header) = inbound.header.as_ref() else {
+            return Err(Exception::connection(
+                code::UNEXPECTED_FRAME,
+                "content body frame before its content header",
+            ));
+        };
+        let expected = header.body_size as usize;
+        if inbound.body.len() + part.len() > expected {
+            return Err(Exception::connection(
+                code::FRAME_ERROR,
+                format!(
+                    "content body of {} bytes exceeds the {expected} bytes its header announced",
+                    inbound.body.len() + part.len()
+                ),
+            ));
+        }
+        inbound.body.push(part, expected);
+        if inbound.body.len() == expected {
+            self.finish_publish(ctx)?;
+        }
+        Ok(())
+    }
+
+    fn finish_publish(&mut self, ctx: &ConnContext) -> Result<(), Exception> {
+        let Some(inbound) = self.inbound.take() else {
+            return Ok(());
+        };
+        let Some(header) = inbound.header else {
+            return Ok(());
+        };
+        let message = Arc::new(Message {
+            exchange: inbound.exchange.name.clone(),
+            routing_key: inbound.routing_key,
+            properties: header.properties,
+            raw_properties: header.raw_properties,
+            body: inbound.body.freeze(),
+        });
+        let mut targets = std::mem::take(&mut self.route_buf);
+        ctx.vhost.route(
+            &inbound.exchange,
+            message.routing_key.as_str(),
+            message.headers(),
+            &mut targets,
+        );
+        if targets.is_empty() {
+            if inbound.mandatory {
+                let ret = AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                    reply_code: code::NO_ROUTE,
+                    reply_text: "NO_ROUTE".into(),
+                    exchange: message.exchange.clone(),
+                    routing_key: message.routing_key.clone(),
+                }));
+                let id = self.id();
+                ctx.outbox.push(|enc, frame_max| {
+                    enc.method(id, &ret);
+                    enc.content(id, &message.raw_properties, &message.body, frame_max);
+                });
+            }
+        } else {
+            for queue in targets.drain(..) {
+                queue.publish(message.clone());
+            }
+        }
+        self.route_buf = targets;
+        if self.confirm {
+            self.confirm_upto = self.publish_seq;
+        }
+        Ok(())
+    }
+
+    /// Sends one basic.ack(multiple) for every publish confirmed since the last call. The
+    /// connection calls this after each batch of frames it read, so a burst of publishes gets
+    /// one confirm frame, not one each.
+    pub fn flush_confirms(&mut self, outbox: &Outbox) {
+        if self.confirm_upto > self.confirmed {
+            let (upto, multiple) = (self.confirm_upto, self.confirm_upto - self.confirmed > 1);
+            let id = self.id();
+            outbox.push(|enc, _| enc.ack(id, upto, multiple));
+            self.confirmed = upto;
+        }
+    }
+
+    pub fn confirm_pending(&self) -> bool {
+        self.confirm_upto > self.confirmed
+    }
+
+    fn ack(&mut self, tag: u64, multiple: bool) -> Result<(), Exception> {
+        let acked = self
+            .shared
+            .take_unacked(tag, multiple)
+            .ok_or_else(|| unknown_tag(tag))?;
+        for u in &acked {
+            u.release();
+        }
+        drop(acked);
+        self.dispatch_consumed_queues();
+        Ok(())
+    }
+
+    fn reject(&mut self, tag: u64, multiple: bool, requeue: bool) -> Result<(), Exception> {
+        let rejected = self
+            .shared
+            .take_unacked(tag, multiple)
+            .ok_or_else(|| unknown_tag(tag))?;
+        for u in &rejected {
+            u.release();
+        }
+        if requeue {
+            requeue_all(rejected);
+        }
+        self.dispatch_consumed_queues();
+        Ok(())
+    }
+
+    fn recover(&mut self, requeue: bool) -> Result<(), Exception> {
+        if !requeue {
+            return Err(Exception::connection(
+                code::NOT_IMPLEMENTED,
+                "requeue=false",
+            ));
+        }
+        let all = self.shared.take_all_unacked();
+        for u in &all {
+            u.release();
+        }
+        requeue_all(all);
+        self.dispatch_consumed_queues();
+        Ok(())
+    }
+
+    fn consume(&mut self, ctx: &ConnContext, c: basic::Consume) -> Result<(), Exception> {
+        let queue = ctx.vhost.queue(c.queue.as_str(), ctx.id)?;
+        let tag: ShortString = if c.consumer_tag.as_str().is_empty() {
+            random_tag("amq.ctag-").into()
+        } else {
+            c.consumer_tag.clone()
+        };
+        self.forget_consumers_of_deleted_queues();
+        if self.consumers.contains_key(&tag) {
+            return Err(Exception::connection(
+                code::NOT_ALLOWED,
+                format!("attempt to reuse consumer tag '{tag}'"),
+            ));
+        }
+        let consumer = Arc::new(AmqpConsumer {
+            tag: Arc::from(tag.as_str()),
+            channel: self.shared.clone(),
+            no_ack: c.no_ack,
+            exclusive: c.exclusive,
+            prefetch: self.consumer_prefetch,
+            unacked: Arc::new(AtomicU32::new(0)),
+            cancelled: AtomicBool::new(false),
+        });
+        // consume-ok goes into the outbox before the queue can deliver anything.
+        if !c.nowait {
+            self.send(
+                ctx,
+                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                    consumer_tag: tag.clone(),
+                })),
+            );
+        }
+        let as_dyn: Arc<dyn Consumer> = consumer.clone();
+        if let Err(e) = queue.add_consumer(as_dyn) {
+            return Err(e.into());
+        }
+        self.consumers.insert(tag, ConsumerEntry { consumer, queue });
+        Ok(())
+    }
+
+    fn cancel(&mut self, ctx: &ConnContext, tag: &ShortString) {
+        if let Some(entry) = self.consumers.remove(tag) {
+            detach(ctx, entry);
+        }
+    }
+
+    fn get(&mut self, ctx: &ConnContext, g: basic::Get) -> Result<(), Exception> {
+        let queue = ctx.vhost.queue(g.queue.as_str(), ctx.id)?;
+        let id = self.id();
+        let Some((message, remaining)) = queue.get() else {
+            self.send(
+                ctx,
+                AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
+            );
+            return Ok(());
+        };
+        let mut st = self.shared.state.lock();
+        st.next_tag += 1;
+        let tag = st.next_tag;
+        let m = message.message.clone();
+        ctx.outbox.push(|enc, frame_max| {
+            enc.get_ok(
+                id,
+                tag,
+                message.redelivered,
+                m.exchange.as_str(),
+                m.routing_key.as_str(),
+                remaining,
+            );
+            enc.content(id, &m.raw_properties, &m.body, frame_max);
+        });
+        if !g.no_ack {
+            st.unacked.push_back(Unacked {
+                tag,
+                queue,
+                message,
+                credit: None,
+            });
+        }
+        Ok(())
+    }
+
+    fn dispatch_consumed_queues(&self) {
+        match self.consumers.len() {
+            0 => {}
+            1 => {
+                if let Some(entry) = self.consumers.values().next() {
+                    entry.queue.dispatch();
+                }
+            }
+            _ => {
+                let mut seen: Vec<&Arc<Queue>> = Vec::new();
+                for entry in self.consumers.values() {
+                    if !seen.iter().any(|q| Arc::ptr_eq(q, &entry.queue)) {
+                        seen.push(&entry.queue);
+                        entry.queue.dispatch();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops consumers whose queue was deleted under them (they were already cancelled).
+    fn forget_consumers_of_deleted_queues(&mut self) {
+        self.consumers
+            .retain(|_, e| !e.consumer.cancelled.load(Ordering::Acquire));
+    }
+
+    /// Releases everything the channel holds: unacked messages back to their queues, consumers
+    /// off their queues. Called on channel close, on a channel error and when the connection ends.
+    pub fn release(&mut self, ctx: &ConnContext) {
+        self.inbound = None;
+        self.shared.state.lock().closed = true;
+        for (_, entry) in self.consumers.drain() {
+            detach(ctx, entry);
+        }
+        let all = self.shared.take_all_unacked();
+        for u in &all {
+            u.release();
+        }
+        requeue_all(all);
+    }
+}
+
+fn detach(ctx: &ConnContext, entry: ConsumerEntry) {
+    entry.consumer.cancelled.store(true, Ordering::Release);
+    let as_dyn: Arc<dyn Consumer> = entry.consumer;
+    let removed = entry.queue.remove_consumer(&as_dyn);
+    if removed.auto_delete_now {
+        ctx.vhost.remove_queue(&entry.queue);
+    }
+}
+
+/// Returns messages to their queues, each queue getting its own in one call.
+fn requeue_all(mut messages: Vec<Unacked>) {
+    while !messages.is_empty() {
+        let queue = messages[0].queue.clone();
+        let (mine, rest): (Vec<Unacked>, Vec<Unacked>) = messages
+            .into_iter()
+            .partition(|u| Arc::ptr_eq(&u.queue, &queue));
+        queue.requeue(mine.into_iter().map(|u| u.message));
+        messages = rest;
+    }
+}
+
+fn unknown_tag(tag: u64) -> Exception {
+    Exception::channel(code::PRECONDITION_FAILED, format!("unknown delivery tag {tag}"))
+}
+
+/// Class and method ids of a method, for close frames.
+pub fn method_ids(method: &AMQPClass) -> (u16, u16) {
+    (method.get_amqp_class_id(), method.get_amqp_method_id())
+}
