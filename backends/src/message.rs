@@ -1,6 +1,6 @@
 //! The one message type every part of Warren passes around.
 
-use amq_protocol::protocol::basic::AMQPProperties;
+use amq_protocol::protocol::basic::{gen_properties, AMQPProperties};
 use amq_protocol::types::{FieldTable, ShortString};
 use bytes::Bytes;
 
@@ -17,6 +17,23 @@ pub struct Message {
 }
 
 impl Message {
+    /// A message made inside Warren (dead-lettering, bridges): its property block is encoded here.
+    pub fn new(
+        exchange: ShortString,
+        routing_key: ShortString,
+        properties: AMQPProperties,
+        body: Bytes,
+    ) -> Message {
+        let raw_properties = encode_properties(&properties);
+        Message {
+            exchange,
+            routing_key,
+            properties,
+            raw_properties,
+            body,
+        }
+    }
+
     pub fn headers(&self) -> Option<&FieldTable> {
         self.properties.headers().as_ref()
     }
@@ -24,5 +41,36 @@ impl Message {
     /// Bytes this message holds in memory, for queue byte counts.
     pub fn size(&self) -> usize {
         self.body.len()
+    }
+
+    pub fn priority(&self) -> u8 {
+        self.properties.priority().unwrap_or(0)
+    }
+
+    /// The per-message TTL in milliseconds from the `expiration` property. `Err` carries the
+    /// text when it is not a non-negative integer, which RabbitMQ refuses at publish.
+    pub fn expiration_ms(&self) -> Result<Option<u64>, String> {
+        match self.properties.expiration() {
+            None => Ok(None),
+            Some(text) => text
+                .as_str()
+                .parse::<u64>()
+                .map(Some)
+                .map_err(|_| text.to_string()),
+        }
+    }
+
+    /// Whether the publisher asked for the message to survive a restart (delivery-mode 2).
+    pub fn is_persistent(&self) -> bool {
+        self.properties.delivery_mode() == &Some(2)
+    }
+}
+
+/// Encodes a basic property block (flags and values) as it travels in a content header.
+pub fn encode_properties(properties: &AMQPProperties) -> Bytes {
+    match cookie_factory::gen(gen_properties(properties), Vec::with_capacity(64)) {
+        Ok((buf, _)) => Bytes::from(buf),
+        // Every AMQPProperties value is encodable; an empty block is the safe fallback.
+        Err(_) => Bytes::from_static(&[0, 0]),
     }
 }

@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use amq_protocol::protocol::{basic, channel, confirm, exchange, queue, AMQPClass};
-use amq_protocol::types::ShortString;
+use amq_protocol::types::{FieldTable, ShortString};
 use bytes::{Bytes, BytesMut};
 use warren_backends::engine::{
-    Consumer, ConnectionId, Exchange, ExchangeOptions, Queue, QueueOptions, VHost,
+    Consumer, ConnectionId, Exchange, ExchangeOptions, PublishOutcome, Queue, QueueOptions,
+    QueuedMessage, VHost,
 };
 use warren_backends::Message;
 
@@ -95,6 +96,8 @@ pub struct Channel {
     consumer_prefetch: u32,
     consumers: HashMap<ShortString, ConsumerEntry>,
     exchange_cache: HashMap<ShortString, Arc<Exchange>>,
+    /// Queues the default exchange resolved, so publishing by queue name takes no vhost lock.
+    queue_cache: HashMap<ShortString, Arc<Queue>>,
     cache_generation: u64,
     route_buf: Vec<Arc<Queue>>,
 }
@@ -133,6 +136,7 @@ impl Channel {
             consumer_prefetch: 0,
             consumers: HashMap::new(),
             exchange_cache: HashMap::new(),
+            queue_cache: HashMap::new(),
             cache_generation: ctx.vhost.generation(),
             route_buf: Vec::new(),
         }
@@ -411,17 +415,36 @@ impl Channel {
     }
 
     fn exchange(&mut self, ctx: &ConnContext, name: &ShortString) -> Result<Arc<Exchange>, Exception> {
-        let generation = ctx.vhost.generation();
-        if generation != self.cache_generation {
-            self.exchange_cache.clear();
-            self.cache_generation = generation;
-        }
+        self.check_cache_generation(ctx);
         if let Some(ex) = self.exchange_cache.get(name) {
             return Ok(ex.clone());
         }
         let ex = ctx.vhost.exchange(name.as_str())?;
         self.exchange_cache.insert(name.clone(), ex.clone());
         Ok(ex)
+    }
+
+    /// Drops cached lookups once anything in the vhost was deleted.
+    fn check_cache_generation(&mut self, ctx: &ConnContext) {
+        let generation = ctx.vhost.generation();
+        if generation != self.cache_generation {
+            self.exchange_cache.clear();
+            self.queue_cache.clear();
+            self.cache_generation = generation;
+        }
+    }
+
+    /// The default exchange's routing: the queue named by the routing key, if it exists.
+    fn route_default(&mut self, ctx: &ConnContext, name: &ShortString, out: &mut Vec<Arc<Queue>>) {
+        self.check_cache_generation(ctx);
+        if let Some(q) = self.queue_cache.get(name) {
+            out.push(q.clone());
+            return;
+        }
+        if let Some(q) = ctx.vhost.queue_by_name(name.as_str()) {
+            self.queue_cache.insert(name.clone(), q.clone());
+            out.push(q);
+        }
     }
 
     fn start_publish(&mut self, ctx: &ConnContext, p: basic::Publish) -> Result<(), Exception> {
@@ -481,6 +504,16 @@ impl Channel {
             )
             .on(60, 40));
         }
+        if let Some(exp) = header.properties.expiration() {
+            if exp.as_str().parse::<u64>().is_err() {
+                self.inbound = None;
+                return Err(Exception::channel(
+                    code::PRECONDITION_FAILED,
+                    format!("invalid expiration '{exp}'"),
+                )
+                .on(60, 40));
+            }
+        }
         let done = header.body_size == 0;
         inbound.header = Some(header);
         if done {
@@ -535,12 +568,16 @@ impl Channel {
             body: inbound.body.freeze(),
         });
         let mut targets = std::mem::take(&mut self.route_buf);
-        ctx.vhost.route(
-            &inbound.exchange,
-            message.routing_key.as_str(),
-            message.headers(),
-            &mut targets,
-        );
+        if inbound.exchange.name.as_str().is_empty() {
+            self.route_default(ctx, &message.routing_key, &mut targets);
+        } else {
+            ctx.vhost.route(
+                &inbound.exchange,
+                message.routing_key.as_str(),
+                message.headers(),
+                &mut targets,
+            );
+        }
         if targets.is_empty() {
             if inbound.mandatory {
                 let ret = AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
@@ -555,16 +592,30 @@ impl Channel {
                     enc.content(id, &message.raw_properties, &message.body, frame_max);
                 });
             }
-        } else {
-            for queue in targets.drain(..) {
-                queue.publish(message.clone());
-            }
+        }
+        let mut rejected = false;
+        for queue in targets.drain(..) {
+            rejected |= queue.publish(message.clone()) == PublishOutcome::Rejected;
         }
         self.route_buf = targets;
         if self.confirm {
-            self.confirm_upto = self.publish_seq;
+            if rejected {
+                self.nack_publish(&ctx.outbox, self.publish_seq);
+            } else {
+                self.confirm_upto = self.publish_seq;
+            }
         }
         Ok(())
+    }
+
+    /// A queue refused the publish (x-overflow reject-publish): confirm what came before, then
+    /// basic.nack this one, so the client sees every sequence number answered in order.
+    fn nack_publish(&mut self, outbox: &Outbox, seq: u64) {
+        self.flush_confirms(outbox);
+        let id = self.id();
+        outbox.push(|enc, _| enc.nack(id, seq, false));
+        self.confirm_upto = seq;
+        self.confirmed = seq;
     }
 
     /// Sends one basic.ack(multiple) for every publish confirmed since the last call. The
@@ -606,6 +657,8 @@ impl Channel {
         }
         if requeue {
             requeue_all(rejected);
+        } else {
+            for_each_queue(rejected, |queue, messages| queue.reject(messages));
         }
         self.dispatch_consumed_queues();
         Ok(())
@@ -647,6 +700,7 @@ impl Channel {
             no_ack: c.no_ack,
             exclusive: c.exclusive,
             prefetch: self.consumer_prefetch,
+            priority: consumer_priority(&c.arguments)?,
             unacked: Arc::new(AtomicU32::new(0)),
             cancelled: AtomicBool::new(false),
         });
@@ -761,15 +815,44 @@ fn detach(ctx: &ConnContext, entry: ConsumerEntry) {
 }
 
 /// Returns messages to their queues, each queue getting its own in one call.
-fn requeue_all(mut messages: Vec<Unacked>) {
+fn requeue_all(messages: Vec<Unacked>) {
+    for_each_queue(messages, |queue, messages| queue.requeue(messages));
+}
+
+/// Groups deliveries by the queue they came from, keeping their order within each queue.
+fn for_each_queue(mut messages: Vec<Unacked>, mut apply: impl FnMut(&Arc<Queue>, Vec<QueuedMessage>)) {
     while !messages.is_empty() {
         let queue = messages[0].queue.clone();
         let (mine, rest): (Vec<Unacked>, Vec<Unacked>) = messages
             .into_iter()
             .partition(|u| Arc::ptr_eq(&u.queue, &queue));
-        queue.requeue(mine.into_iter().map(|u| u.message));
+        apply(&queue, mine.into_iter().map(|u| u.message).collect());
         messages = rest;
     }
+}
+
+/// `x-priority` of basic.consume: any integer type, as RabbitMQ accepts.
+fn consumer_priority(arguments: &FieldTable) -> Result<i32, Exception> {
+    use amq_protocol::types::AMQPValue as V;
+    let Some(value) = arguments.inner().get("x-priority") else {
+        return Ok(0);
+    };
+    let p: i64 = match value {
+        V::ShortShortInt(x) => *x as i64,
+        V::ShortShortUInt(x) => *x as i64,
+        V::ShortInt(x) => *x as i64,
+        V::ShortUInt(x) => *x as i64,
+        V::LongInt(x) => *x as i64,
+        V::LongUInt(x) => *x as i64,
+        V::LongLongInt(x) => *x,
+        other => {
+            return Err(Exception::channel(
+                code::PRECONDITION_FAILED,
+                format!("invalid arg 'x-priority' for consumer: {other:?} is not an integer"),
+            ))
+        }
+    };
+    Ok(p.clamp(i32::MIN as i64, i32::MAX as i64) as i32)
 }
 
 fn unknown_tag(tag: u64) -> Exception {

@@ -599,7 +599,7 @@ const CAPABILITIES: &[(&str, bool)] = &[
     ("basic.nack", true),
     ("consumer_cancel_notify", true),
     ("connection.blocked", false),
-    ("consumer_priorities", false),
+    ("consumer_priorities", true),
     ("authentication_failure_close", true),
     ("per_consumer_qos", true),
     ("direct_reply_to", false),

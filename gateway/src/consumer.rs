@@ -93,6 +93,8 @@ pub struct AmqpConsumer {
     pub exclusive: bool,
     /// Per-consumer prefetch (basic.qos global=false before this consume); 0: no limit.
     pub prefetch: u32,
+    /// `x-priority` from basic.consume's arguments.
+    pub priority: i32,
     pub unacked: Arc<AtomicU32>,
     pub cancelled: AtomicBool,
 }
@@ -104,6 +106,10 @@ impl Consumer for AmqpConsumer {
 
     fn exclusive(&self) -> bool {
         self.exclusive
+    }
+
+    fn priority(&self) -> i32 {
+        self.priority
     }
 
     fn offer(&self, queue: &Arc<Queue>, message: QueuedMessage) -> Offer {

@@ -5,16 +5,21 @@
 //! queue → consumer (channel) state, never the reverse, so delivery can run on whichever task
 //! made a message or credit available.
 
+mod args;
+mod dead_letter;
 mod error;
 mod exchange;
 mod headers;
 mod queue;
+mod ready;
 mod topic;
 mod vhost;
 
 pub use error::{EngineError, ErrorCode};
 pub use exchange::{Exchange, ExchangeKind};
-pub use queue::{Consumer, Offer, Queue, QueueOptions, QueuedMessage};
+pub use args::{Overflow, QueueArgs};
+pub use dead_letter::DeathReason;
+pub use queue::{Consumer, ConsumerRemoved, Offer, PublishOutcome, Queue, QueueOptions, QueuedMessage};
 pub use topic::TopicTrie;
 pub use vhost::{DeclaredQueue, ExchangeOptions, VHost};
 

@@ -1,12 +1,20 @@
-//! A queue: ready messages in order, and the consumers they are offered to in turn.
+//! A queue: ready messages in order (per priority), the consumers they are offered to in turn,
+//! and the timers that expire messages and the queue itself.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use amq_protocol::types::{FieldTable, ShortString};
 use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
-use super::{ConnectionId, EngineError};
+use super::args::{Overflow, QueueArgs};
+use super::dead_letter::{dead_letter, is_cycle, DeathReason};
+use super::ready::ReadyList;
+use super::{ConnectionId, EngineError, VHost};
 use crate::Message;
 
 /// A message as a queue holds it: the shared message plus its place in this queue.
@@ -16,6 +24,8 @@ pub struct QueuedMessage {
     pub seq: u64,
     pub message: Arc<Message>,
     pub redelivered: bool,
+    /// When the message expires while ready (the smaller of x-message-ttl and `expiration`).
+    pub expires_at: Option<Instant>,
 }
 
 /// A consumer's answer to a message offered to it.
@@ -30,10 +40,22 @@ pub enum Offer {
 pub trait Consumer: Send + Sync {
     fn tag(&self) -> &str;
     fn exclusive(&self) -> bool;
+    /// `x-priority` of basic.consume: higher-priority consumers are offered messages first.
+    fn priority(&self) -> i32 {
+        0
+    }
     /// Offers one message. Called with the queue's lock held: must not call back into the queue.
     fn offer(&self, queue: &Arc<Queue>, message: QueuedMessage) -> Offer;
     /// The queue was deleted while this consumer was attached.
     fn queue_deleted(&self, queue: &Arc<Queue>);
+}
+
+/// Whether a queue took a published message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishOutcome {
+    Accepted,
+    /// Refused by `x-overflow: reject-publish(-dlx)`: the publisher gets basic.nack.
+    Rejected,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -47,20 +69,31 @@ pub struct QueueOptions {
 
 pub struct Queue {
     name: ShortString,
-    vhost: ShortString,
+    vhost_name: ShortString,
+    vhost: Weak<VHost>,
     options: QueueOptions,
+    args: QueueArgs,
     state: Mutex<QueueState>,
+    /// Wakes the timer task when an earlier deadline appears.
+    timer: Arc<Notify>,
 }
 
-#[derive(Default)]
 struct QueueState {
-    ready: VecDeque<QueuedMessage>,
+    ready: ReadyList,
     next_seq: u64,
+    /// In offer order: by consumer priority, then registration (single active consumer: in
+    /// registration order only).
     consumers: Vec<Arc<dyn Consumer>>,
-    /// Round-robin position among consumers.
+    /// Round-robin position among consumers of equal priority.
     cursor: usize,
     had_consumer: bool,
     deleted: bool,
+    /// Deadlines of ready messages that expire, earliest first. Entries of messages delivered in
+    /// the meantime are skipped when they come up.
+    expiries: BinaryHeap<Reverse<(Instant, u64)>>,
+    timer_running: bool,
+    /// Last time the queue was used, for x-expires.
+    last_used: Instant,
 }
 
 /// What removing a consumer left behind.
@@ -70,6 +103,8 @@ pub struct ConsumerRemoved {
     /// An auto-delete queue lost its last consumer and must now be deleted.
     pub auto_delete_now: bool,
 }
+
+type DeadLetters = Vec<(QueuedMessage, DeathReason)>;
 
 impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -81,14 +116,52 @@ fn same_consumer(a: &Arc<dyn Consumer>, b: &Arc<dyn Consumer>) -> bool {
     std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
 }
 
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 impl Queue {
+    /// A queue outside any vhost (tests); it cannot dead-letter or expire itself.
     pub fn new(name: ShortString, vhost: ShortString, options: QueueOptions) -> Arc<Queue> {
-        Arc::new(Queue {
+        let args = QueueArgs::parse(&options.arguments, name.as_str(), vhost.as_str())
+            .unwrap_or_default();
+        Self::with_args(name, vhost, Weak::new(), options, args)
+    }
+
+    pub(crate) fn with_args(
+        name: ShortString,
+        vhost_name: ShortString,
+        vhost: Weak<VHost>,
+        options: QueueOptions,
+        args: QueueArgs,
+    ) -> Arc<Queue> {
+        let queue = Arc::new(Queue {
             name,
+            vhost_name,
             vhost,
+            state: Mutex::new(QueueState {
+                ready: ReadyList::new(args.max_priority),
+                next_seq: 0,
+                consumers: Vec::new(),
+                cursor: 0,
+                had_consumer: false,
+                deleted: false,
+                expiries: BinaryHeap::new(),
+                timer_running: false,
+                last_used: Instant::now(),
+            }),
             options,
-            state: Mutex::new(QueueState::default()),
-        })
+            args,
+            timer: Arc::new(Notify::new()),
+        });
+        if queue.args.expires.is_some() {
+            let mut st = queue.state.lock();
+            queue.ensure_timer(&mut st);
+        }
+        queue
     }
 
     pub fn name(&self) -> &ShortString {
@@ -97,6 +170,10 @@ impl Queue {
 
     pub fn options(&self) -> &QueueOptions {
         &self.options
+    }
+
+    pub fn args(&self) -> &QueueArgs {
+        &self.args
     }
 
     pub fn is_deleted(&self) -> bool {
@@ -117,131 +194,308 @@ impl Queue {
         (st.ready.len() as u32, st.consumers.len() as u32)
     }
 
+    /// Marks the queue used now (redeclare), for x-expires.
+    pub fn touch(&self) {
+        self.state.lock().last_used = Instant::now();
+    }
+
+    fn expiry_for(&self, message: &Message, now: Instant) -> Option<Instant> {
+        let per_message = message.expiration_ms().ok().flatten();
+        let ttl = match (self.args.message_ttl, per_message) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }?;
+        Some(now + Duration::from_millis(ttl))
+    }
+
+    fn is_full(&self, ready: &ReadyList, incoming: usize) -> bool {
+        self.args.max_length.is_some_and(|max| ready.len() as u64 >= max)
+            || self
+                .args
+                .max_length_bytes
+                .is_some_and(|max| (ready.bytes() + incoming) as u64 > max)
+    }
+
     /// Enqueues a message and hands it to a consumer if one can take it.
-    pub fn publish(self: &Arc<Self>, message: Arc<Message>) {
-        let mut st = self.state.lock();
-        if st.deleted {
-            return;
-        }
-        let seq = st.next_seq;
-        st.next_seq += 1;
-        let queued = QueuedMessage {
-            seq,
-            message,
-            redelivered: false,
-        };
-        if st.ready.is_empty() && !st.consumers.is_empty() {
-            if let Some(back) = self.offer_round_robin(&mut st, queued) {
-                st.ready.push_back(back);
+    pub fn publish(self: &Arc<Self>, message: Arc<Message>) -> PublishOutcome {
+        let now = Instant::now();
+        let expires_at = self.expiry_for(&message, now);
+        let mut dead = DeadLetters::new();
+        let outcome = {
+            let mut st = self.state.lock();
+            if st.deleted {
+                return PublishOutcome::Accepted;
             }
-            return;
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            let queued = QueuedMessage {
+                seq,
+                message,
+                redelivered: false,
+                expires_at,
+            };
+            let rejecting = matches!(
+                self.args.overflow,
+                Overflow::RejectPublish | Overflow::RejectPublishDlx
+            );
+            if rejecting && self.is_full(&st.ready, queued.message.body.len()) {
+                if self.args.overflow == Overflow::RejectPublishDlx {
+                    dead.push((queued, DeathReason::Maxlen));
+                }
+                PublishOutcome::Rejected
+            } else {
+                if st.ready.is_empty() && !st.consumers.is_empty() {
+                    if let Some(back) = self.offer_to_consumers(&mut st, queued) {
+                        self.enqueue(&mut st, back);
+                    }
+                } else {
+                    self.enqueue(&mut st, queued);
+                    self.dispatch_locked(&mut st, &mut dead, now);
+                }
+                if self.args.overflow == Overflow::DropHead {
+                    while self.over_limit(&st.ready) {
+                        match st.ready.pop_front() {
+                            Some(m) => dead.push((m, DeathReason::Maxlen)),
+                            None => break,
+                        }
+                    }
+                }
+                PublishOutcome::Accepted
+            }
+        };
+        self.dead_letter(dead);
+        outcome
+    }
+
+    fn over_limit(&self, ready: &ReadyList) -> bool {
+        self.args.max_length.is_some_and(|max| ready.len() as u64 > max)
+            || self
+                .args
+                .max_length_bytes
+                .is_some_and(|max| ready.bytes() as u64 > max)
+    }
+
+    fn enqueue(self: &Arc<Self>, st: &mut QueueState, msg: QueuedMessage) {
+        if let Some(at) = msg.expires_at {
+            self.track_expiry(st, at, msg.seq);
         }
-        st.ready.push_back(queued);
-        self.dispatch_locked(&mut st);
+        st.ready.push_back(msg);
+    }
+
+    fn track_expiry(self: &Arc<Self>, st: &mut QueueState, at: Instant, seq: u64) {
+        let earlier = st.expiries.peek().is_none_or(|Reverse((t, _))| at < *t);
+        st.expiries.push(Reverse((at, seq)));
+        // Deadlines of messages consumed long ago pile up when consumers keep up; rebuild from
+        // what is really ready once they dominate.
+        if st.expiries.len() > 2 * st.ready.len() + 1024 {
+            st.expiries = st
+                .ready
+                .iter()
+                .filter_map(|m| m.expires_at.map(|t| Reverse((t, m.seq))))
+                .collect();
+            st.expiries.push(Reverse((at, seq)));
+        }
+        if earlier || !st.timer_running {
+            self.ensure_timer(st);
+        }
     }
 
     /// Offers ready messages to consumers until none is left or no consumer can take more.
     /// Called when credit frees up or a consumer's connection drains.
     pub fn dispatch(self: &Arc<Self>) {
-        let mut st = self.state.lock();
-        self.dispatch_locked(&mut st);
+        let mut dead = DeadLetters::new();
+        {
+            let mut st = self.state.lock();
+            self.dispatch_locked(&mut st, &mut dead, Instant::now());
+        }
+        self.dead_letter(dead);
     }
 
-    fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState) {
+    fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, dead: &mut DeadLetters, now: Instant) {
         if st.consumers.is_empty() {
             return;
         }
         while let Some(next) = st.ready.pop_front() {
-            if let Some(back) = self.offer_round_robin(st, next) {
+            if next.expires_at.is_some_and(|t| t <= now) {
+                dead.push((next, DeathReason::Expired));
+                continue;
+            }
+            if let Some(back) = self.offer_to_consumers(st, next) {
                 st.ready.push_front(back);
                 return;
             }
         }
     }
 
-    /// Offers `msg` to each consumer in turn from the cursor; returns it if none took it.
-    fn offer_round_robin(
+    /// Offers `msg` to the consumers in order: the highest priority group first, round-robin
+    /// within a group. Returns it if none took it.
+    fn offer_to_consumers(
         self: &Arc<Self>,
         st: &mut QueueState,
         mut msg: QueuedMessage,
     ) -> Option<QueuedMessage> {
+        if self.args.single_active_consumer {
+            return match st.consumers.first()?.offer(self, msg) {
+                Offer::Taken => None,
+                Offer::Refused(back) => Some(back),
+            };
+        }
         let n = st.consumers.len();
-        for i in 0..n {
-            let idx = (st.cursor + i) % n;
-            match st.consumers[idx].offer(self, msg) {
-                Offer::Taken => {
-                    st.cursor = (idx + 1) % n;
-                    return None;
+        let mut start = 0;
+        while start < n {
+            let priority = st.consumers[start].priority();
+            let end = st.consumers[start..]
+                .iter()
+                .position(|c| c.priority() != priority)
+                .map_or(n, |p| start + p);
+            let size = end - start;
+            for i in 0..size {
+                let idx = start + (st.cursor + i) % size;
+                match st.consumers[idx].offer(self, msg) {
+                    Offer::Taken => {
+                        st.cursor = st.cursor.wrapping_add(i + 1);
+                        return None;
+                    }
+                    Offer::Refused(back) => msg = back,
                 }
-                Offer::Refused(back) => msg = back,
             }
+            start = end;
         }
         Some(msg)
     }
 
     /// basic.get: the head message and how many remain.
-    pub fn get(&self) -> Option<(QueuedMessage, u32)> {
-        let mut st = self.state.lock();
-        let msg = st.ready.pop_front()?;
-        Some((msg, st.ready.len() as u32))
+    pub fn get(self: &Arc<Self>) -> Option<(QueuedMessage, u32)> {
+        let now = Instant::now();
+        let mut dead = DeadLetters::new();
+        let got = {
+            let mut st = self.state.lock();
+            st.last_used = now;
+            loop {
+                let Some(msg) = st.ready.pop_front() else {
+                    break None;
+                };
+                if msg.expires_at.is_some_and(|t| t <= now) {
+                    dead.push((msg, DeathReason::Expired));
+                    continue;
+                }
+                break Some((msg, st.ready.len() as u32));
+            }
+        };
+        self.dead_letter(dead);
+        got
     }
 
     /// Puts delivered-but-unacknowledged messages back at their positions, marked redelivered.
+    /// Those whose TTL ran out meanwhile are dead-lettered instead, as RabbitMQ does.
     pub fn requeue(self: &Arc<Self>, messages: impl IntoIterator<Item = QueuedMessage>) {
-        let mut st = self.state.lock();
-        if st.deleted {
-            return;
+        let now = Instant::now();
+        let mut dead = DeadLetters::new();
+        {
+            let mut st = self.state.lock();
+            if st.deleted {
+                return;
+            }
+            for mut msg in messages {
+                msg.redelivered = true;
+                if let Some(at) = msg.expires_at {
+                    if at <= now {
+                        dead.push((msg, DeathReason::Expired));
+                        continue;
+                    }
+                    self.track_expiry(&mut st, at, msg.seq);
+                }
+                st.ready.insert_by_seq(msg);
+            }
+            self.dispatch_locked(&mut st, &mut dead, now);
         }
-        for mut msg in messages {
-            msg.redelivered = true;
-            let at = st.ready.partition_point(|m| m.seq < msg.seq);
-            st.ready.insert(at, msg);
-        }
-        self.dispatch_locked(&mut st);
+        self.dead_letter(dead);
+    }
+
+    /// Messages rejected or nacked without requeue: to the dead-letter exchange, if any.
+    pub fn reject(self: &Arc<Self>, messages: impl IntoIterator<Item = QueuedMessage>) {
+        let dead: DeadLetters = messages
+            .into_iter()
+            .map(|m| (m, DeathReason::Rejected))
+            .collect();
+        self.dead_letter(dead);
     }
 
     /// Drops all ready messages; returns how many.
     pub fn purge(&self) -> u32 {
         let mut st = self.state.lock();
         let n = st.ready.len() as u32;
-        st.ready.clear();
+        st.ready.drain_all();
+        st.expiries.clear();
         n
     }
 
     pub fn add_consumer(self: &Arc<Self>, consumer: Arc<dyn Consumer>) -> Result<(), EngineError> {
-        let mut st = self.state.lock();
-        if st.deleted {
-            return Err(EngineError::not_found("queue", self.name.as_str(), self.vhost.as_str()));
+        let mut dead = DeadLetters::new();
+        {
+            let mut st = self.state.lock();
+            if st.deleted {
+                return Err(EngineError::not_found(
+                    "queue",
+                    self.name.as_str(),
+                    self.vhost_name.as_str(),
+                ));
+            }
+            let locked = st.consumers.iter().any(|c| c.exclusive());
+            if locked || (consumer.exclusive() && !st.consumers.is_empty()) {
+                return Err(EngineError::access_refused(format!(
+                    "queue '{}' in vhost '{}' in exclusive use",
+                    self.name, self.vhost_name
+                )));
+            }
+            let at = if self.args.single_active_consumer {
+                st.consumers.len()
+            } else {
+                let p = consumer.priority();
+                st.consumers
+                    .iter()
+                    .position(|c| c.priority() < p)
+                    .unwrap_or(st.consumers.len())
+            };
+            st.consumers.insert(at, consumer);
+            st.had_consumer = true;
+            st.last_used = Instant::now();
+            self.dispatch_locked(&mut st, &mut dead, Instant::now());
         }
-        let locked = st.consumers.iter().any(|c| c.exclusive());
-        if locked || (consumer.exclusive() && !st.consumers.is_empty()) {
-            return Err(EngineError::access_refused(format!(
-                "queue '{}' in vhost '{}' in exclusive use",
-                self.name, self.vhost
-            )));
-        }
-        st.consumers.push(consumer);
-        st.had_consumer = true;
-        self.dispatch_locked(&mut st);
+        self.dead_letter(dead);
         Ok(())
     }
 
-    pub fn remove_consumer(&self, consumer: &Arc<dyn Consumer>) -> ConsumerRemoved {
-        let mut st = self.state.lock();
-        let before = st.consumers.len();
-        st.consumers.retain(|c| !same_consumer(c, consumer));
-        let removed = st.consumers.len() != before;
-        if st.cursor >= st.consumers.len() {
-            st.cursor = 0;
-        }
-        ConsumerRemoved {
-            removed,
-            auto_delete_now: removed
-                && self.options.auto_delete
-                && st.had_consumer
-                && st.consumers.is_empty()
-                && !st.deleted,
-        }
+    pub fn remove_consumer(self: &Arc<Self>, consumer: &Arc<dyn Consumer>) -> ConsumerRemoved {
+        let mut dead = DeadLetters::new();
+        let result = {
+            let mut st = self.state.lock();
+            let before = st.consumers.len();
+            let was_active = st.consumers.first().is_some_and(|c| same_consumer(c, consumer));
+            st.consumers.retain(|c| !same_consumer(c, consumer));
+            let removed = st.consumers.len() != before;
+            if st.consumers.is_empty() {
+                st.cursor = 0;
+                st.last_used = Instant::now();
+                if self.args.expires.is_some() {
+                    self.ensure_timer(&mut st);
+                }
+            }
+            if removed && was_active && self.args.single_active_consumer {
+                // The next consumer in registration order takes over.
+                self.dispatch_locked(&mut st, &mut dead, Instant::now());
+            }
+            ConsumerRemoved {
+                removed,
+                auto_delete_now: removed
+                    && self.options.auto_delete
+                    && st.had_consumer
+                    && st.consumers.is_empty()
+                    && !st.deleted,
+            }
+        };
+        self.dead_letter(dead);
+        result
     }
 
     /// Marks the queue deleted, drops its messages and tells its consumers. Returns the number of
@@ -254,13 +508,129 @@ impl Queue {
             }
             st.deleted = true;
             let count = st.ready.len() as u32;
-            st.ready.clear();
+            st.ready.drain_all();
+            st.expiries.clear();
             (count, std::mem::take(&mut st.consumers))
         };
+        self.timer.notify_one();
         for consumer in consumers {
             consumer.queue_deleted(self);
         }
         Some(count)
+    }
+
+    /// Republishes dead messages through the dead-letter exchange. Runs without the queue's lock,
+    /// so a dead-letter route back into this queue cannot deadlock.
+    fn dead_letter(self: &Arc<Self>, dead: DeadLetters) {
+        if dead.is_empty() {
+            return;
+        }
+        let Some(dlx) = &self.args.dead_letter_exchange else {
+            return;
+        };
+        let Some(vhost) = self.vhost.upgrade() else {
+            return;
+        };
+        let exchange = match vhost.exchange(dlx.as_str()) {
+            Ok(ex) => ex,
+            Err(_) => {
+                tracing::debug!(queue = %self.name, dlx = %dlx, "dead-letter exchange does not exist; dropping");
+                return;
+            }
+        };
+        let now = unix_now();
+        let mut targets = Vec::new();
+        for (msg, reason) in dead {
+            let copy = Arc::new(dead_letter(
+                &msg.message,
+                self.name.as_str(),
+                reason,
+                dlx,
+                self.args.dead_letter_routing_key.as_ref(),
+                now,
+            ));
+            vhost.route(&exchange, copy.routing_key.as_str(), copy.headers(), &mut targets);
+            for queue in targets.drain(..) {
+                if is_cycle(&copy, queue.name().as_str()) {
+                    tracing::debug!(queue = %queue.name(), "dead-letter cycle; dropping");
+                    continue;
+                }
+                queue.publish(copy.clone());
+            }
+        }
+    }
+
+    fn ensure_timer(self: &Arc<Self>, st: &mut QueueState) {
+        if st.timer_running {
+            self.timer.notify_one();
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        st.timer_running = true;
+        let weak = Arc::downgrade(self);
+        let timer = self.timer.clone();
+        runtime.spawn(async move {
+            loop {
+                let notified = timer.notified();
+                let next = match weak.upgrade() {
+                    Some(queue) => queue.run_timers(Instant::now()),
+                    None => return,
+                };
+                let Some(next) = next else { return };
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => {}
+                    _ = notified => {}
+                }
+            }
+        });
+    }
+
+    /// Expires due messages and, with x-expires, the queue itself. Returns the next deadline, or
+    /// `None` when the timer task may stop.
+    fn run_timers(self: &Arc<Self>, now: Instant) -> Option<Instant> {
+        let mut dead = DeadLetters::new();
+        let mut expire_queue = false;
+        let next = {
+            let mut st = self.state.lock();
+            if st.deleted {
+                st.timer_running = false;
+                return None;
+            }
+            while let Some(Reverse((at, seq))) = st.expiries.peek().copied() {
+                if at > now {
+                    break;
+                }
+                st.expiries.pop();
+                if let Some(m) = st.ready.remove_seq(seq) {
+                    dead.push((m, DeathReason::Expired));
+                }
+            }
+            let mut next = st.expiries.peek().map(|Reverse((at, _))| *at);
+            if let Some(ms) = self.args.expires {
+                if st.consumers.is_empty() {
+                    let at = st.last_used + Duration::from_millis(ms);
+                    if at <= now {
+                        expire_queue = true;
+                    }
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                }
+            }
+            if next.is_none() || expire_queue {
+                st.timer_running = false;
+            }
+            next
+        };
+        self.dead_letter(dead);
+        if expire_queue {
+            if let Some(vhost) = self.vhost.upgrade() {
+                tracing::debug!(queue = %self.name, "queue expired (x-expires)");
+                vhost.remove_queue(self);
+            }
+            return None;
+        }
+        next
     }
 }
 
@@ -272,7 +642,18 @@ mod tests {
 
     struct Counting {
         credit: AtomicUsize,
+        priority: i32,
         got: Mutex<Vec<(u64, bool)>>,
+    }
+
+    impl Counting {
+        fn new(credit: usize, priority: i32) -> Arc<Counting> {
+            Arc::new(Counting {
+                credit: AtomicUsize::new(credit),
+                priority,
+                got: Mutex::new(Vec::new()),
+            })
+        }
     }
 
     impl Consumer for Counting {
@@ -281,6 +662,9 @@ mod tests {
         }
         fn exclusive(&self) -> bool {
             false
+        }
+        fn priority(&self) -> i32 {
+            self.priority
         }
         fn offer(&self, _: &Arc<Queue>, m: QueuedMessage) -> Offer {
             if self.credit.load(Ordering::SeqCst) == 0 {
@@ -294,25 +678,36 @@ mod tests {
     }
 
     fn msg() -> Arc<Message> {
-        Arc::new(Message {
-            exchange: "".into(),
-            routing_key: "q".into(),
-            properties: Default::default(),
-            raw_properties: Bytes::from_static(&[0, 0]),
-            body: Bytes::from_static(b"x"),
-        })
+        Arc::new(Message::new(
+            "".into(),
+            "q".into(),
+            Default::default(),
+            Bytes::from_static(b"x"),
+        ))
+    }
+
+    fn queue_with(args: &[(&str, amq_protocol::types::AMQPValue)]) -> Arc<Queue> {
+        let mut arguments = FieldTable::default();
+        for (k, v) in args {
+            arguments.insert((*k).into(), v.clone());
+        }
+        Queue::new(
+            "q".into(),
+            "/".into(),
+            QueueOptions {
+                arguments,
+                ..Default::default()
+            },
+        )
     }
 
     #[test]
     fn credit_limits_delivery_and_requeue_restores_order() {
-        let q = Queue::new("q".into(), "/".into(), QueueOptions::default());
+        let q = queue_with(&[]);
         for _ in 0..5 {
             q.publish(msg());
         }
-        let c = Arc::new(Counting {
-            credit: AtomicUsize::new(2),
-            got: Mutex::new(Vec::new()),
-        });
+        let c = Counting::new(2, 0);
         q.add_consumer(c.clone()).unwrap();
         assert_eq!(*c.got.lock(), vec![(0, false), (1, false)]);
         assert_eq!(q.message_count(), 3);
@@ -321,10 +716,87 @@ mod tests {
             seq: 0,
             message: msg(),
             redelivered: false,
+            expires_at: None,
         }]);
         c.credit.store(10, Ordering::SeqCst);
         q.dispatch();
         let got: Vec<_> = c.got.lock()[2..].to_vec();
         assert_eq!(got, vec![(0, true), (2, false), (3, false), (4, false)]);
+    }
+
+    #[test]
+    fn higher_priority_consumers_first_then_round_robin() {
+        let q = queue_with(&[]);
+        let low = Counting::new(100, 0);
+        let high_a = Counting::new(1, 5);
+        let high_b = Counting::new(1, 5);
+        q.add_consumer(low.clone()).unwrap();
+        q.add_consumer(high_a.clone()).unwrap();
+        q.add_consumer(high_b.clone()).unwrap();
+        for _ in 0..4 {
+            q.publish(msg());
+        }
+        assert_eq!(high_a.got.lock().len(), 1);
+        assert_eq!(high_b.got.lock().len(), 1);
+        assert_eq!(low.got.lock().len(), 2);
+    }
+
+    #[test]
+    fn single_active_consumer_hands_over_in_registration_order() {
+        use amq_protocol::types::AMQPValue;
+        let q = queue_with(&[("x-single-active-consumer", AMQPValue::Boolean(true))]);
+        let first = Counting::new(100, 0);
+        let second = Counting::new(100, 10);
+        q.add_consumer(first.clone()).unwrap();
+        q.add_consumer(second.clone()).unwrap();
+        q.publish(msg());
+        q.publish(msg());
+        assert_eq!(first.got.lock().len(), 2);
+        assert!(second.got.lock().is_empty());
+        let as_dyn: Arc<dyn Consumer> = first.clone();
+        q.remove_consumer(&as_dyn);
+        q.publish(msg());
+        assert_eq!(second.got.lock().len(), 1);
+    }
+
+    #[test]
+    fn max_length_drop_head_and_reject_publish() {
+        use amq_protocol::types::AMQPValue;
+        let q = queue_with(&[("x-max-length", AMQPValue::LongInt(2))]);
+        for _ in 0..5 {
+            assert_eq!(q.publish(msg()), PublishOutcome::Accepted);
+        }
+        assert_eq!(q.message_count(), 2);
+        let (head, _) = q.get().unwrap();
+        assert_eq!(head.seq, 3, "drop-head keeps the newest");
+
+        let r = queue_with(&[
+            ("x-max-length", AMQPValue::LongInt(2)),
+            ("x-overflow", AMQPValue::LongString("reject-publish".into())),
+        ]);
+        assert_eq!(r.publish(msg()), PublishOutcome::Accepted);
+        assert_eq!(r.publish(msg()), PublishOutcome::Accepted);
+        assert_eq!(r.publish(msg()), PublishOutcome::Rejected);
+        assert_eq!(r.message_count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ttl_expires_ready_messages_promptly_not_only_at_the_head() {
+        use amq_protocol::protocol::basic::AMQPProperties;
+        use amq_protocol::types::AMQPValue;
+        let q = queue_with(&[("x-message-ttl", AMQPValue::LongInt(1000))]);
+        // A long-lived head and a short-lived message behind it.
+        q.publish(msg());
+        q.publish(Arc::new(Message::new(
+            "".into(),
+            "q".into(),
+            AMQPProperties::default().with_expiration("100".into()),
+            Bytes::from_static(b"short"),
+        )));
+        assert_eq!(q.message_count(), 2);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(q.message_count(), 1, "the per-message TTL expired behind the head");
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(q.message_count(), 0, "the queue TTL expired the head");
     }
 }

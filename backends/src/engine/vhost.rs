@@ -33,6 +33,8 @@ pub struct DeclaredQueue {
 
 pub struct VHost {
     name: ShortString,
+    /// Handed to queues so they can dead-letter through exchanges and delete themselves.
+    me: std::sync::Weak<VHost>,
     exchanges: RwLock<HashMap<ShortString, Arc<Exchange>>>,
     queues: RwLock<HashMap<ShortString, Arc<Queue>>>,
     /// Bumped whenever an exchange or queue is deleted, so callers that cache lookups know
@@ -71,8 +73,9 @@ impl VHost {
                 (ShortString::from(*name), Arc::new(ex))
             })
             .collect();
-        Arc::new(VHost {
+        Arc::new_cyclic(|me| VHost {
             name: name.into(),
+            me: me.clone(),
             exchanges: RwLock::new(exchanges),
             queues: RwLock::new(HashMap::new()),
             generation: AtomicU64::new(0),
@@ -100,30 +103,17 @@ impl VHost {
         name: &str,
         opts: ExchangeOptions,
     ) -> Result<Arc<Exchange>, EngineError> {
+        // RabbitMQ's order: the type (a connection error), the default exchange, then an
+        // existing exchange's equivalence; the reserved prefix only matters on creation.
         if opts.passive {
+            if name.is_empty() {
+                return Err(default_exchange_refused());
+            }
             return self.exchange(name);
         }
         let kind = ExchangeKind::parse(&opts.kind)?;
-        if name.starts_with("amq.") || name.is_empty() {
-            if let Ok(existing) = self.exchange(name) {
-                // Redeclaring a built-in exchange with its own settings is allowed.
-                if existing
-                    .check_equivalent(
-                        self.name(),
-                        kind,
-                        opts.durable,
-                        opts.auto_delete,
-                        opts.internal,
-                        &opts.arguments,
-                    )
-                    .is_ok()
-                {
-                    return Ok(existing);
-                }
-            }
-            return Err(EngineError::access_refused(format!(
-                "exchange name '{name}' contains reserved prefix 'amq.*'"
-            )));
+        if name.is_empty() {
+            return Err(default_exchange_refused());
         }
         let mut exchanges = self.exchanges.write();
         if let Some(existing) = exchanges.get(name) {
@@ -136,6 +126,11 @@ impl VHost {
                 &opts.arguments,
             )?;
             return Ok(existing.clone());
+        }
+        if name.starts_with("amq.") {
+            return Err(EngineError::access_refused(format!(
+                "exchange name '{name}' contains reserved prefix 'amq.*'"
+            )));
         }
         let ex = Arc::new(Exchange::new(
             name.into(),
@@ -150,14 +145,19 @@ impl VHost {
     }
 
     pub fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), EngineError> {
-        if name.is_empty() || name.starts_with("amq.") {
+        if name.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        if name.starts_with("amq.") {
             return Err(EngineError::access_refused(format!(
-                "operation not permitted on the default exchange '{name}'"
+                "deletion of system exchange '{name}' in vhost '{}' not allowed",
+                self.name()
             )));
         }
         let mut exchanges = self.exchanges.write();
         let Some(ex) = exchanges.get(name) else {
-            return Err(EngineError::not_found("exchange", name, self.name()));
+            // RabbitMQ 3.x answers delete-ok for an exchange that does not exist.
+            return Ok(());
         };
         if if_unused && ex.has_bindings() {
             return Err(EngineError::precondition(format!(
@@ -235,6 +235,7 @@ impl VHost {
             drop(queues);
             self.check_exclusive(&existing, owner)?;
             self.check_queue_equivalent(&existing, &options)?;
+            existing.touch();
             let (message_count, consumer_count) = existing.counts();
             return Ok(DeclaredQueue {
                 queue: existing,
@@ -243,7 +244,8 @@ impl VHost {
                 created: false,
             });
         }
-        let queue = Queue::new(name.clone(), self.name.clone(), options);
+        let args = super::QueueArgs::parse(&options.arguments, name.as_str(), self.name())?;
+        let queue = Queue::with_args(name.clone(), self.name.clone(), self.me.clone(), options, args);
         queues.insert(name, queue.clone());
         Ok(DeclaredQueue {
             queue,
@@ -303,7 +305,11 @@ impl VHost {
         if_empty: bool,
         owner: ConnectionId,
     ) -> Result<u32, EngineError> {
-        let queue = self.queue(name, owner)?;
+        // RabbitMQ answers delete-ok (message count 0) for a queue that does not exist.
+        let Some(queue) = self.queue_by_name(name) else {
+            return Ok(0);
+        };
+        self.check_exclusive(&queue, owner)?;
         let (messages, consumers) = queue.counts();
         if if_unused && consumers > 0 {
             return Err(EngineError::precondition(format!(
@@ -375,11 +381,12 @@ impl VHost {
         arguments: FieldTable,
         owner: ConnectionId,
     ) -> Result<(), EngineError> {
-        let queue = self.queue(queue, owner)?;
+        // RabbitMQ checks the default exchange, then the exchange, then the queue.
         if exchange.is_empty() {
-            return Err(self.default_exchange_refusal(&queue));
+            return Err(default_exchange_refused());
         }
         let ex = self.exchange(exchange)?;
+        let queue = self.queue(queue, owner)?;
         ex.bind(&queue, routing_key.into(), arguments)
     }
 
@@ -391,25 +398,19 @@ impl VHost {
         arguments: &FieldTable,
         owner: ConnectionId,
     ) -> Result<(), EngineError> {
-        let queue = self.queue(queue, owner)?;
         if exchange.is_empty() {
-            return Err(self.default_exchange_refusal(&queue));
+            return Err(default_exchange_refused());
         }
-        let ex = self.exchange(exchange)?;
-        // RabbitMQ answers unbind-ok for a binding that does not exist.
+        // RabbitMQ answers unbind-ok when the exchange, the queue or the binding does not exist.
+        let (Ok(ex), Some(queue)) = (self.exchange(exchange), self.queue_by_name(queue)) else {
+            return Ok(());
+        };
+        self.check_exclusive(&queue, owner)?;
         if ex.unbind(&queue, &routing_key.into(), arguments) && ex.auto_delete && !ex.has_bindings()
         {
             self.remove_auto_deleted_exchange(&ex);
         }
         Ok(())
-    }
-
-    fn default_exchange_refusal(&self, queue: &Queue) -> EngineError {
-        EngineError::access_refused(format!(
-            "operation not permitted on the default exchange (queue '{}' in vhost '{}')",
-            queue.name(),
-            self.name()
-        ))
     }
 
     /// Appends the queues a message published to `exchange` goes to.
@@ -464,6 +465,10 @@ fn show(v: Option<&amq_protocol::types::AMQPValue>) -> String {
         Some(V::ShortInt(x)) => x.to_string(),
         Some(other) => format!("{other:?}"),
     }
+}
+
+fn default_exchange_refused() -> EngineError {
+    EngineError::access_refused("operation not permitted on the default exchange")
 }
 
 /// A server-named queue, as RabbitMQ makes them: `amq.gen-` and 22 URL-safe base64 characters.
