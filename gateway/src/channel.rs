@@ -5,13 +5,14 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use amq_protocol::protocol::{basic, channel, confirm, exchange, queue, AMQPClass};
+use amq_protocol::protocol::{basic, channel, confirm, exchange, queue, tx, AMQPClass};
 use amq_protocol::types::{FieldTable, ShortString};
 use bytes::{Bytes, BytesMut};
 use warren_backends::engine::{
     Consumer, ConnectionId, Exchange, ExchangeOptions, PublishOutcome, Queue, QueueOptions,
-    QueuedMessage, VHost,
+    QueuedMessage, VHost, REPLY_TO,
 };
+use warren_backends::message::encode_properties;
 use warren_backends::Message;
 
 use crate::codec::{ContentHeader, CLASS_BASIC};
@@ -78,6 +79,18 @@ impl BodyParts {
     }
 }
 
+/// Work of an open transaction (tx.select), applied on tx.commit, dropped on tx.rollback.
+#[derive(Default)]
+struct Transaction {
+    publishes: Vec<(Arc<Exchange>, Arc<Message>, bool)>,
+    acks: Vec<TxAck>,
+}
+
+enum TxAck {
+    Ack { tag: u64, multiple: bool },
+    Reject { tag: u64, multiple: bool, requeue: bool },
+}
+
 struct ConsumerEntry {
     consumer: Arc<AmqpConsumer>,
     queue: Arc<Queue>,
@@ -89,6 +102,9 @@ pub struct Channel {
     pub closing: bool,
     inbound: Option<Inbound>,
     confirm: bool,
+    tx: Option<Transaction>,
+    /// The hidden queue of this channel's direct reply-to consumer.
+    reply_queue: Option<Arc<Queue>>,
     publish_seq: u64,
     /// Highest publish sequence number routed but not yet confirmed to the client.
     confirm_upto: u64,
@@ -100,6 +116,8 @@ pub struct Channel {
     queue_cache: HashMap<ShortString, Arc<Queue>>,
     cache_generation: u64,
     route_buf: Vec<Arc<Queue>>,
+    /// The queue last declared on this channel: what an empty queue name refers to.
+    last_queue: Option<ShortString>,
 }
 
 /// The outcome of a frame for the connection.
@@ -130,6 +148,8 @@ impl Channel {
             closing: false,
             inbound: None,
             confirm: false,
+            tx: None,
+            reply_queue: None,
             publish_seq: 0,
             confirm_upto: 0,
             confirmed: 0,
@@ -139,7 +159,22 @@ impl Channel {
             queue_cache: HashMap::new(),
             cache_generation: ctx.vhost.generation(),
             route_buf: Vec::new(),
+            last_queue: None,
         }
+    }
+
+    /// RabbitMQ's shortcut: an empty queue name means the queue last declared on this channel.
+    fn expand_queue_name(&self, name: &mut ShortString) -> Result<(), Exception> {
+        if name.as_str().is_empty() {
+            let Some(last) = &self.last_queue else {
+                return Err(Exception::channel(
+                    code::NOT_FOUND,
+                    "no previously declared queue",
+                ));
+            };
+            *name = last.clone();
+        }
+        Ok(())
     }
 
     pub fn id(&self) -> u16 {
@@ -166,6 +201,12 @@ impl Channel {
             AMQPClass::Exchange(m) => self.exchange_method(ctx, m).map(|_| Next::Continue),
             AMQPClass::Queue(m) => self.queue_method(ctx, m).map(|_| Next::Continue),
             AMQPClass::Basic(m) => self.basic_method(ctx, m).map(|_| Next::Continue),
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(_)) if self.tx.is_some() => {
+                Err(Exception::channel(
+                    code::PRECONDITION_FAILED,
+                    "cannot switch from tx to confirm mode",
+                ))
+            }
             AMQPClass::Confirm(confirm::AMQPMethod::Select(sel)) => {
                 self.confirm = true;
                 if !sel.nowait {
@@ -176,10 +217,7 @@ impl Channel {
                 }
                 Ok(Next::Continue)
             }
-            AMQPClass::Tx(_) => Err(Exception::connection(
-                code::NOT_IMPLEMENTED,
-                "transactions (tx.*) are not implemented yet",
-            )),
+            AMQPClass::Tx(m) => self.tx_method(ctx, m).map(|_| Next::Continue),
             AMQPClass::Access(_) => {
                 self.send(
                     ctx,
@@ -269,11 +307,33 @@ impl Channel {
                     );
                 }
             }
-            exchange::AMQPMethod::Bind(_) | exchange::AMQPMethod::Unbind(_) => {
-                return Err(Exception::connection(
-                    code::NOT_IMPLEMENTED,
-                    "exchange-to-exchange bindings are not implemented yet",
-                ));
+            exchange::AMQPMethod::Bind(b) => {
+                ctx.vhost.bind_exchange(
+                    b.destination.as_str(),
+                    b.source.as_str(),
+                    b.routing_key.as_str(),
+                    b.arguments,
+                )?;
+                if !b.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
+                    );
+                }
+            }
+            exchange::AMQPMethod::Unbind(u) => {
+                ctx.vhost.unbind_exchange(
+                    u.destination.as_str(),
+                    u.source.as_str(),
+                    u.routing_key.as_str(),
+                    &u.arguments,
+                )?;
+                if !u.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
+                    );
+                }
             }
             _ => {
                 return Err(Exception::connection(
@@ -285,8 +345,35 @@ impl Channel {
         Ok(())
     }
 
-    fn queue_method(&mut self, ctx: &ConnContext, m: queue::AMQPMethod) -> Result<(), Exception> {
+    fn queue_method(&mut self, ctx: &ConnContext, mut m: queue::AMQPMethod) -> Result<(), Exception> {
+        match &mut m {
+            queue::AMQPMethod::Bind(queue::Bind { queue, routing_key, .. })
+            | queue::AMQPMethod::Unbind(queue::Unbind { queue, routing_key, .. }) => {
+                if queue.as_str().is_empty() && routing_key.as_str().is_empty() {
+                    self.expand_queue_name(routing_key)?;
+                }
+                self.expand_queue_name(queue)?;
+            }
+            queue::AMQPMethod::Purge(queue::Purge { queue, .. })
+            | queue::AMQPMethod::Delete(queue::Delete { queue, .. }) => {
+                self.expand_queue_name(queue)?;
+            }
+            _ => {}
+        }
         match m {
+            queue::AMQPMethod::Declare(d) if d.passive && d.queue.as_str() == REPLY_TO => {
+                // RabbitMQ lets clients check that direct reply-to exists.
+                if !d.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                            queue: d.queue,
+                            message_count: 0,
+                            consumer_count: 0,
+                        })),
+                    );
+                }
+            }
             queue::AMQPMethod::Declare(d) => {
                 let declared = ctx.vhost.declare_queue(
                     d.queue.as_str(),
@@ -299,6 +386,7 @@ impl Channel {
                     },
                     ctx.id,
                 )?;
+                self.last_queue = Some(declared.queue.name().clone());
                 if !d.nowait {
                     self.send(
                         ctx,
@@ -480,12 +568,12 @@ impl Channel {
 
     /// A content header frame arrived for this channel.
     pub fn handle_header(&mut self, ctx: &ConnContext, header: ContentHeader) -> Result<(), Exception> {
-        let Some(inbound) = self.inbound.as_mut().filter(|i| i.header.is_none()) else {
+        if !self.inbound.as_ref().is_some_and(|i| i.header.is_none()) {
             return Err(Exception::connection(
                 code::UNEXPECTED_FRAME,
                 "content header frame without basic.publish",
             ));
-        };
+        }
         if header.class_id != CLASS_BASIC {
             return Err(Exception::connection(
                 code::FRAME_ERROR,
@@ -514,6 +602,14 @@ impl Channel {
                 .on(60, 40));
             }
         }
+        let mut header = header;
+        if let Err(e) = self.rewrite_reply_to(&mut header) {
+            self.inbound = None;
+            return Err(e.on(60, 40));
+        }
+        let Some(inbound) = self.inbound.as_mut() else {
+            return Ok(());
+        };
         let done = header.body_size == 0;
         inbound.header = Some(header);
         if done {
@@ -567,31 +663,46 @@ impl Channel {
             raw_properties: header.raw_properties,
             body: inbound.body.freeze(),
         });
+        if let Some(tx) = self.tx.as_mut() {
+            tx.publishes.push((inbound.exchange, message, inbound.mandatory));
+            return Ok(());
+        }
+        self.route_message(ctx, &inbound.exchange, message, inbound.mandatory);
+        Ok(())
+    }
+
+    /// Routes a complete message to its queues, returns it if unroutable and mandatory, and
+    /// records its confirm.
+    fn route_message(
+        &mut self,
+        ctx: &ConnContext,
+        exchange: &Arc<Exchange>,
+        message: Arc<Message>,
+        mandatory: bool,
+    ) {
         let mut targets = std::mem::take(&mut self.route_buf);
-        if inbound.exchange.name.as_str().is_empty() {
+        if exchange.name.as_str().is_empty() {
             self.route_default(ctx, &message.routing_key, &mut targets);
         } else {
             ctx.vhost.route(
-                &inbound.exchange,
+                exchange,
                 message.routing_key.as_str(),
                 message.headers(),
                 &mut targets,
             );
         }
-        if targets.is_empty() {
-            if inbound.mandatory {
-                let ret = AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
-                    reply_code: code::NO_ROUTE,
-                    reply_text: "NO_ROUTE".into(),
-                    exchange: message.exchange.clone(),
-                    routing_key: message.routing_key.clone(),
-                }));
-                let id = self.id();
-                ctx.outbox.push(|enc, frame_max| {
-                    enc.method(id, &ret);
-                    enc.content(id, &message.raw_properties, &message.body, frame_max);
-                });
-            }
+        if targets.is_empty() && mandatory {
+            let ret = AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                reply_code: code::NO_ROUTE,
+                reply_text: "NO_ROUTE".into(),
+                exchange: message.exchange.clone(),
+                routing_key: message.routing_key.clone(),
+            }));
+            let id = self.id();
+            ctx.outbox.push(|enc, frame_max| {
+                enc.method(id, &ret);
+                enc.content(id, &message.raw_properties, &message.body, frame_max);
+            });
         }
         let mut rejected = false;
         for queue in targets.drain(..) {
@@ -603,6 +714,51 @@ impl Channel {
                 self.nack_publish(&ctx.outbox, self.publish_seq);
             } else {
                 self.confirm_upto = self.publish_seq;
+            }
+        }
+    }
+
+    fn tx_method(&mut self, ctx: &ConnContext, m: tx::AMQPMethod) -> Result<(), Exception> {
+        let not_transactional =
+            || Exception::channel(code::PRECONDITION_FAILED, "channel is not transactional");
+        match m {
+            tx::AMQPMethod::Select(_) => {
+                if self.confirm {
+                    return Err(Exception::channel(
+                        code::PRECONDITION_FAILED,
+                        "cannot switch from confirm to tx mode",
+                    ));
+                }
+                self.tx.get_or_insert_with(Transaction::default);
+                self.send(ctx, AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})));
+            }
+            tx::AMQPMethod::Commit(_) => {
+                let work = std::mem::take(self.tx.as_mut().ok_or_else(not_transactional)?);
+                for (exchange, message, mandatory) in work.publishes {
+                    self.route_message(ctx, &exchange, message, mandatory);
+                }
+                for op in work.acks {
+                    match op {
+                        TxAck::Ack { tag, multiple } => self.apply_ack(tag, multiple)?,
+                        TxAck::Reject {
+                            tag,
+                            multiple,
+                            requeue,
+                        } => self.apply_reject(tag, multiple, requeue)?,
+                    }
+                }
+                self.send(ctx, AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
+            }
+            tx::AMQPMethod::Rollback(_) => {
+                let tx = self.tx.as_mut().ok_or_else(not_transactional)?;
+                *tx = Transaction::default();
+                self.send(ctx, AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})));
+            }
+            _ => {
+                return Err(Exception::connection(
+                    code::COMMAND_INVALID,
+                    "tx reply methods are not valid from a client",
+                ))
             }
         }
         Ok(())
@@ -635,6 +791,14 @@ impl Channel {
     }
 
     fn ack(&mut self, tag: u64, multiple: bool) -> Result<(), Exception> {
+        if let Some(tx) = self.tx.as_mut() {
+            tx.acks.push(TxAck::Ack { tag, multiple });
+            return Ok(());
+        }
+        self.apply_ack(tag, multiple)
+    }
+
+    fn apply_ack(&mut self, tag: u64, multiple: bool) -> Result<(), Exception> {
         let acked = self
             .shared
             .take_unacked(tag, multiple)
@@ -648,6 +812,18 @@ impl Channel {
     }
 
     fn reject(&mut self, tag: u64, multiple: bool, requeue: bool) -> Result<(), Exception> {
+        if let Some(tx) = self.tx.as_mut() {
+            tx.acks.push(TxAck::Reject {
+                tag,
+                multiple,
+                requeue,
+            });
+            return Ok(());
+        }
+        self.apply_reject(tag, multiple, requeue)
+    }
+
+    fn apply_reject(&mut self, tag: u64, multiple: bool, requeue: bool) -> Result<(), Exception> {
         let rejected = self
             .shared
             .take_unacked(tag, multiple)
@@ -680,8 +856,13 @@ impl Channel {
         Ok(())
     }
 
-    fn consume(&mut self, ctx: &ConnContext, c: basic::Consume) -> Result<(), Exception> {
-        let queue = ctx.vhost.queue(c.queue.as_str(), ctx.id)?;
+    fn consume(&mut self, ctx: &ConnContext, mut c: basic::Consume) -> Result<(), Exception> {
+        self.expand_queue_name(&mut c.queue)?;
+        let queue = if c.queue.as_str() == REPLY_TO {
+            self.reply_queue(ctx, &c)?
+        } else {
+            ctx.vhost.queue(c.queue.as_str(), ctx.id)?
+        };
         let tag: ShortString = if c.consumer_tag.as_str().is_empty() {
             random_tag("amq.ctag-").into()
         } else {
@@ -721,13 +902,50 @@ impl Channel {
         Ok(())
     }
 
+    /// Direct reply-to: basic.consume on `amq.rabbitmq.reply-to` creates this channel's hidden
+    /// reply queue; publishes from this channel with that reply-to name it instead.
+    fn reply_queue(&mut self, ctx: &ConnContext, c: &basic::Consume) -> Result<Arc<Queue>, Exception> {
+        if !c.no_ack {
+            return Err(Exception::channel(
+                code::PRECONDITION_FAILED,
+                "reply consumer cannot acknowledge",
+            ));
+        }
+        if self.reply_queue.as_ref().is_some_and(|q| !q.is_deleted()) {
+            return Err(Exception::channel(
+                code::PRECONDITION_FAILED,
+                "reply consumer already set",
+            ));
+        }
+        let queue = ctx.vhost.declare_reply_queue(ctx.id);
+        self.reply_queue = Some(queue.clone());
+        Ok(queue)
+    }
+
+    /// Rewrites `reply-to: amq.rabbitmq.reply-to` into this channel's reply queue name.
+    fn rewrite_reply_to(&self, header: &mut ContentHeader) -> Result<(), Exception> {
+        if header.properties.reply_to().as_ref().map(|r| r.as_str()) != Some(REPLY_TO) {
+            return Ok(());
+        }
+        let Some(queue) = self.reply_queue.as_ref().filter(|q| !q.is_deleted()) else {
+            return Err(Exception::channel(
+                code::PRECONDITION_FAILED,
+                "fast reply consumer does not exist",
+            ));
+        };
+        header.properties = header.properties.clone().with_reply_to(queue.name().clone());
+        header.raw_properties = encode_properties(&header.properties);
+        Ok(())
+    }
+
     fn cancel(&mut self, ctx: &ConnContext, tag: &ShortString) {
         if let Some(entry) = self.consumers.remove(tag) {
             detach(ctx, entry);
         }
     }
 
-    fn get(&mut self, ctx: &ConnContext, g: basic::Get) -> Result<(), Exception> {
+    fn get(&mut self, ctx: &ConnContext, mut g: basic::Get) -> Result<(), Exception> {
+        self.expand_queue_name(&mut g.queue)?;
         let queue = ctx.vhost.queue(g.queue.as_str(), ctx.id)?;
         let id = self.id();
         let Some((message, remaining)) = queue.get() else {

@@ -595,14 +595,14 @@ impl Connection {
 /// What connection.start advertises; each is true only because it works.
 const CAPABILITIES: &[(&str, bool)] = &[
     ("publisher_confirms", true),
-    ("exchange_exchange_bindings", false),
+    ("exchange_exchange_bindings", true),
     ("basic.nack", true),
     ("consumer_cancel_notify", true),
     ("connection.blocked", false),
     ("consumer_priorities", true),
     ("authentication_failure_close", true),
     ("per_consumer_qos", true),
-    ("direct_reply_to", false),
+    ("direct_reply_to", true),
 ];
 
 fn client_capability(props: &FieldTable, name: &str) -> bool {

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use amq_protocol::types::{FieldTable, ShortString};
+use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use parking_lot::RwLock;
 
 use super::headers::{headers_match, XMatch};
@@ -41,18 +41,42 @@ impl ExchangeKind {
     }
 }
 
-/// A queue compared by identity, as the topic trie stores it.
-#[derive(Clone)]
-struct QueueRef(Arc<Queue>);
+/// Where a binding leads: a queue, or another exchange (exchange-to-exchange bindings).
+#[derive(Clone, Debug)]
+pub enum Destination {
+    Queue(Arc<Queue>),
+    Exchange(Arc<Exchange>),
+}
 
-impl PartialEq for QueueRef {
+impl PartialEq for Destination {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        match (self, other) {
+            (Destination::Queue(a), Destination::Queue(b)) => Arc::ptr_eq(a, b),
+            (Destination::Exchange(a), Destination::Exchange(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Destination {
+    fn push_into(&self, queues: &mut Vec<Arc<Queue>>, exchanges: &mut Vec<Arc<Exchange>>) {
+        match self {
+            Destination::Queue(q) => {
+                if !queues.iter().any(|x| Arc::ptr_eq(x, q)) {
+                    queues.push(q.clone());
+                }
+            }
+            Destination::Exchange(e) => {
+                if !exchanges.iter().any(|x| Arc::ptr_eq(x, e)) {
+                    exchanges.push(e.clone());
+                }
+            }
+        }
     }
 }
 
 struct Binding {
-    queue: Arc<Queue>,
+    destination: Destination,
     key: ShortString,
     arguments: FieldTable,
     /// Parsed once at bind time for headers exchanges.
@@ -62,8 +86,8 @@ struct Binding {
 #[derive(Default)]
 struct Bindings {
     all: Vec<Binding>,
-    direct: HashMap<ShortString, Vec<Arc<Queue>>>,
-    topic: TopicTrie<QueueRef>,
+    direct: HashMap<ShortString, Vec<Destination>>,
+    topic: TopicTrie<Destination>,
 }
 
 pub struct Exchange {
@@ -73,6 +97,8 @@ pub struct Exchange {
     pub auto_delete: bool,
     pub internal: bool,
     pub arguments: FieldTable,
+    /// `alternate-exchange` argument: where messages this exchange cannot route go.
+    pub alternate: Option<ShortString>,
     bindings: RwLock<Bindings>,
 }
 
@@ -85,12 +111,6 @@ impl std::fmt::Debug for Exchange {
     }
 }
 
-fn push_unique(out: &mut Vec<Arc<Queue>>, queue: &Arc<Queue>) {
-    if !out.iter().any(|q| Arc::ptr_eq(q, queue)) {
-        out.push(queue.clone());
-    }
-}
-
 impl Exchange {
     pub fn new(
         name: ShortString,
@@ -100,6 +120,13 @@ impl Exchange {
         internal: bool,
         arguments: FieldTable,
     ) -> Exchange {
+        let alternate = match arguments.inner().get("alternate-exchange") {
+            Some(AMQPValue::LongString(s)) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned().into())
+            }
+            Some(AMQPValue::ShortString(s)) => Some(s.clone()),
+            _ => None,
+        };
         Exchange {
             name,
             kind,
@@ -107,39 +134,47 @@ impl Exchange {
             auto_delete,
             internal,
             arguments,
+            alternate,
             bindings: RwLock::new(Bindings::default()),
         }
     }
 
-    /// Appends the queues bound to this exchange that a message with this routing key and these
-    /// headers goes to, each once.
+    /// Appends the queues and exchanges bound to this exchange that a message with this routing
+    /// key and these headers goes to, each once.
     pub fn route(
         &self,
         routing_key: &str,
         headers: Option<&FieldTable>,
-        out: &mut Vec<Arc<Queue>>,
+        queues: &mut Vec<Arc<Queue>>,
+        exchanges: &mut Vec<Arc<Exchange>>,
     ) {
         let b = self.bindings.read();
         match self.kind {
             ExchangeKind::Direct => {
-                if let Some(queues) = b.direct.get(routing_key) {
-                    queues.iter().for_each(|q| push_unique(out, q));
+                if let Some(dests) = b.direct.get(routing_key) {
+                    dests.iter().for_each(|d| d.push_into(queues, exchanges));
                 }
             }
-            ExchangeKind::Fanout => b.all.iter().for_each(|bd| push_unique(out, &bd.queue)),
-            ExchangeKind::Topic => b.topic.matches(routing_key, &mut |q| push_unique(out, &q.0)),
+            ExchangeKind::Fanout => b
+                .all
+                .iter()
+                .for_each(|bd| bd.destination.push_into(queues, exchanges)),
+            ExchangeKind::Topic => b
+                .topic
+                .matches(routing_key, &mut |d| d.push_into(queues, exchanges)),
             ExchangeKind::Headers => b
                 .all
                 .iter()
                 .filter(|bd| headers_match(bd.x_match, &bd.arguments, headers))
-                .for_each(|bd| push_unique(out, &bd.queue)),
+                .for_each(|bd| bd.destination.push_into(queues, exchanges)),
         }
     }
 
-    /// Binds `queue`; binding the same queue, key and arguments twice is a no-op, as in RabbitMQ.
+    /// Binds `destination`; the same destination, key and arguments twice is a no-op, as in
+    /// RabbitMQ.
     pub fn bind(
         &self,
-        queue: &Arc<Queue>,
+        destination: Destination,
         key: ShortString,
         arguments: FieldTable,
     ) -> Result<(), EngineError> {
@@ -154,21 +189,32 @@ impl Exchange {
             XMatch::All
         };
         let mut b = self.bindings.write();
-        let exists = b.all.iter().any(|bd| {
-            Arc::ptr_eq(&bd.queue, queue) && bd.key == key && bd.arguments == arguments
-        });
+        let exists = b
+            .all
+            .iter()
+            .any(|bd| bd.destination == destination && bd.key == key && bd.arguments == arguments);
         if exists {
             return Ok(());
         }
-        match self.kind {
-            ExchangeKind::Direct => b.direct.entry(key.clone()).or_default().push(queue.clone()),
-            ExchangeKind::Topic => {
-                b.topic.insert(key.as_str(), QueueRef(queue.clone()));
+        let same_key_bound = b
+            .all
+            .iter()
+            .any(|bd| bd.destination == destination && bd.key == key);
+        if !same_key_bound {
+            match self.kind {
+                ExchangeKind::Direct => b
+                    .direct
+                    .entry(key.clone())
+                    .or_default()
+                    .push(destination.clone()),
+                ExchangeKind::Topic => {
+                    b.topic.insert(key.as_str(), destination.clone());
+                }
+                ExchangeKind::Fanout | ExchangeKind::Headers => {}
             }
-            ExchangeKind::Fanout | ExchangeKind::Headers => {}
         }
         b.all.push(Binding {
-            queue: queue.clone(),
+            destination,
             key,
             arguments,
             x_match,
@@ -177,10 +223,15 @@ impl Exchange {
     }
 
     /// Removes one binding; returns whether it existed.
-    pub fn unbind(&self, queue: &Arc<Queue>, key: &ShortString, arguments: &FieldTable) -> bool {
+    pub fn unbind(
+        &self,
+        destination: &Destination,
+        key: &ShortString,
+        arguments: &FieldTable,
+    ) -> bool {
         let mut b = self.bindings.write();
         let Some(pos) = b.all.iter().position(|bd| {
-            Arc::ptr_eq(&bd.queue, queue) && &bd.key == key && &bd.arguments == arguments
+            &bd.destination == destination && &bd.key == key && &bd.arguments == arguments
         }) else {
             return false;
         };
@@ -188,19 +239,19 @@ impl Exchange {
         let still_bound_same_key = b
             .all
             .iter()
-            .any(|bd| Arc::ptr_eq(&bd.queue, queue) && &bd.key == key);
+            .any(|bd| &bd.destination == destination && &bd.key == key);
         if !still_bound_same_key {
             match self.kind {
                 ExchangeKind::Direct => {
                     if let Some(list) = b.direct.get_mut(key) {
-                        list.retain(|q| !Arc::ptr_eq(q, queue));
+                        list.retain(|d| d != destination);
                         if list.is_empty() {
                             b.direct.remove(key);
                         }
                     }
                 }
                 ExchangeKind::Topic => {
-                    b.topic.remove(key.as_str(), &QueueRef(queue.clone()));
+                    b.topic.remove(key.as_str(), destination);
                 }
                 ExchangeKind::Fanout | ExchangeKind::Headers => {}
             }
@@ -208,20 +259,30 @@ impl Exchange {
         true
     }
 
-    /// Removes every binding to `queue`; returns whether there were any.
-    pub fn unbind_queue(&self, queue: &Arc<Queue>) -> bool {
+    /// Removes every binding to `destination`; returns whether there were any.
+    pub fn unbind_destination(&self, destination: &Destination) -> bool {
         let mut b = self.bindings.write();
         let before = b.all.len();
-        b.all.retain(|bd| !Arc::ptr_eq(&bd.queue, queue));
+        b.all.retain(|bd| &bd.destination != destination);
         if b.all.len() == before {
             return false;
         }
         b.direct.retain(|_, list| {
-            list.retain(|q| !Arc::ptr_eq(q, queue));
+            list.retain(|d| d != destination);
             !list.is_empty()
         });
-        b.topic.remove_where(&mut |q| Arc::ptr_eq(&q.0, queue));
+        b.topic.remove_where(&mut |d| d == destination);
         true
+    }
+
+    /// Drops all of this exchange's own bindings (it is being deleted).
+    pub(crate) fn clear_bindings(&self) {
+        *self.bindings.write() = Bindings::default();
+    }
+
+    /// Whether `destination` is bound to this exchange.
+    pub fn is_bound(&self, destination: &Destination) -> bool {
+        self.bindings.read().all.iter().any(|bd| &bd.destination == destination)
     }
 
     pub fn has_bindings(&self) -> bool {

@@ -21,7 +21,7 @@ pub use args::{Overflow, QueueArgs};
 pub use dead_letter::DeathReason;
 pub use queue::{Consumer, ConsumerRemoved, Offer, PublishOutcome, Queue, QueueOptions, QueuedMessage};
 pub use topic::TopicTrie;
-pub use vhost::{DeclaredQueue, ExchangeOptions, VHost};
+pub use vhost::{DeclaredQueue, ExchangeOptions, VHost, REPLY_TO};
 
 /// The identity of a client connection, for exclusive queues.
 pub type ConnectionId = u64;

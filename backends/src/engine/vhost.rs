@@ -9,6 +9,7 @@ use parking_lot::RwLock;
 use rand::Rng;
 
 use super::exchange::bool_str;
+use super::exchange::Destination;
 use super::{ConnectionId, EngineError, Exchange, ExchangeKind, Queue, QueueOptions};
 
 /// Arguments of exchange.declare other than the name.
@@ -47,6 +48,9 @@ impl std::fmt::Debug for VHost {
         f.debug_struct("VHost").field("name", &self.name).finish()
     }
 }
+
+/// The pseudo-queue name RPC clients consume from for direct reply-to.
+pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 const DEFAULT_EXCHANGES: &[(&str, ExchangeKind)] = &[
     ("", ExchangeKind::Direct),
@@ -145,29 +149,41 @@ impl VHost {
     }
 
     pub fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), EngineError> {
-        if name.is_empty() {
-            return Err(default_exchange_refused());
-        }
-        if name.starts_with("amq.") {
+        if name.is_empty() || name.starts_with("amq.") {
             return Err(EngineError::access_refused(format!(
-                "deletion of system exchange '{name}' in vhost '{}' not allowed",
-                self.name()
+                "operation not permitted on the default exchange '{name}'"
             )));
         }
-        let mut exchanges = self.exchanges.write();
-        let Some(ex) = exchanges.get(name) else {
-            // RabbitMQ 3.x answers delete-ok for an exchange that does not exist.
-            return Ok(());
+        let ex = {
+            let mut exchanges = self.exchanges.write();
+            let Some(ex) = exchanges.get(name) else {
+                return Err(EngineError::not_found("exchange", name, self.name()));
+            };
+            if if_unused && ex.has_bindings() {
+                return Err(EngineError::precondition(format!(
+                    "exchange '{name}' in vhost '{}' in use",
+                    self.name()
+                )));
+            }
+            let ex = ex.clone();
+            exchanges.remove(name);
+            ex
         };
-        if if_unused && ex.has_bindings() {
-            return Err(EngineError::precondition(format!(
-                "exchange '{name}' in vhost '{}' in use",
-                self.name()
-            )));
-        }
-        exchanges.remove(name);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        ex.clear_bindings();
+        self.unbind_everywhere(&Destination::Exchange(ex));
         Ok(())
+    }
+
+    /// Removes every binding that leads to `destination`, deleting auto-delete exchanges that
+    /// lose their last binding.
+    fn unbind_everywhere(&self, destination: &Destination) {
+        let exchanges: Vec<Arc<Exchange>> = self.exchanges.read().values().cloned().collect();
+        for ex in exchanges {
+            if ex.unbind_destination(destination) && ex.auto_delete && !ex.has_bindings() {
+                self.remove_auto_deleted_exchange(&ex);
+            }
+        }
     }
 
     /// Finds a queue the connection `owner` may use: 404 if absent, 405 if another connection's
@@ -255,6 +271,27 @@ impl VHost {
         })
     }
 
+    /// The pseudo-queue behind direct reply-to: `amq.rabbitmq.reply-to.<random>`, exclusive to
+    /// the consuming connection and deleted with its consumer.
+    pub fn declare_reply_queue(&self, owner: ConnectionId) -> Arc<Queue> {
+        let name: ShortString = format!("{REPLY_TO}.{}", &generate_queue_name()[8..]).into();
+        let options = QueueOptions {
+            durable: false,
+            exclusive: Some(owner),
+            auto_delete: true,
+            arguments: FieldTable::default(),
+        };
+        let queue = Queue::with_args(
+            name.clone(),
+            self.name.clone(),
+            self.me.clone(),
+            options,
+            super::QueueArgs::default(),
+        );
+        self.queues.write().insert(name, queue.clone());
+        queue
+    }
+
     fn check_queue_equivalent(&self, q: &Queue, new: &QueueOptions) -> Result<(), EngineError> {
         let cur = q.options();
         let differ = |arg: &str, received: &str, current: &str| {
@@ -319,7 +356,7 @@ impl VHost {
         }
         if if_empty && messages > 0 {
             return Err(EngineError::precondition(format!(
-                "queue '{name}' in vhost '{}' is not empty",
+                "queue '{name}' in vhost '{}' not empty",
                 self.name()
             )));
         }
@@ -340,12 +377,7 @@ impl VHost {
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
         let dropped = queue.mark_deleted();
-        let exchanges: Vec<Arc<Exchange>> = self.exchanges.read().values().cloned().collect();
-        for ex in exchanges {
-            if ex.unbind_queue(queue) && ex.auto_delete && !ex.has_bindings() {
-                self.remove_auto_deleted_exchange(&ex);
-            }
-        }
+        self.unbind_everywhere(&Destination::Queue(queue.clone()));
         dropped
     }
 
@@ -355,8 +387,12 @@ impl VHost {
             if Arc::ptr_eq(current, ex) && !ex.has_bindings() {
                 exchanges.remove(&ex.name);
                 self.generation.fetch_add(1, Ordering::AcqRel);
+            } else {
+                return;
             }
         }
+        // An auto-deleted exchange may itself have been bound to other exchanges.
+        self.unbind_everywhere(&Destination::Exchange(ex.clone()));
     }
 
     /// Deletes the exclusive queues of a connection that has closed.
@@ -387,7 +423,47 @@ impl VHost {
         }
         let ex = self.exchange(exchange)?;
         let queue = self.queue(queue, owner)?;
-        ex.bind(&queue, routing_key.into(), arguments)
+        ex.bind(Destination::Queue(queue), routing_key.into(), arguments)
+    }
+
+    /// exchange.bind: messages routed by `source` also go through `destination`.
+    pub fn bind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<(), EngineError> {
+        let (dest, src) = self.exchange_pair(destination, source)?;
+        src.bind(Destination::Exchange(dest), routing_key.into(), arguments)
+    }
+
+    pub fn unbind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), EngineError> {
+        let (dest, src) = self.exchange_pair(destination, source)?;
+        if src.unbind(&Destination::Exchange(dest), &routing_key.into(), arguments)
+            && src.auto_delete
+            && !src.has_bindings()
+        {
+            self.remove_auto_deleted_exchange(&src);
+        }
+        Ok(())
+    }
+
+    fn exchange_pair(
+        &self,
+        destination: &str,
+        source: &str,
+    ) -> Result<(Arc<Exchange>, Arc<Exchange>), EngineError> {
+        if destination.is_empty() || source.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        Ok((self.exchange(destination)?, self.exchange(source)?))
     }
 
     pub fn unbind_queue(
@@ -406,14 +482,18 @@ impl VHost {
             return Ok(());
         };
         self.check_exclusive(&queue, owner)?;
-        if ex.unbind(&queue, &routing_key.into(), arguments) && ex.auto_delete && !ex.has_bindings()
+        if ex.unbind(&Destination::Queue(queue), &routing_key.into(), arguments)
+            && ex.auto_delete
+            && !ex.has_bindings()
         {
             self.remove_auto_deleted_exchange(&ex);
         }
         Ok(())
     }
 
-    /// Appends the queues a message published to `exchange` goes to.
+    /// Appends the queues a message published to `exchange` goes to: through its bindings,
+    /// through exchange-to-exchange bindings (each exchange visited once, so binding loops end),
+    /// and to the alternate exchange of any exchange that could route it nowhere.
     pub fn route(
         &self,
         exchange: &Exchange,
@@ -427,7 +507,36 @@ impl VHost {
             }
             return;
         }
-        exchange.route(routing_key, headers, out);
+        let mut visited: Vec<*const Exchange> = Vec::new();
+        self.route_through(exchange, routing_key, headers, out, &mut visited);
+    }
+
+    fn route_through(
+        &self,
+        exchange: &Exchange,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+        out: &mut Vec<Arc<Queue>>,
+        visited: &mut Vec<*const Exchange>,
+    ) {
+        let me = exchange as *const Exchange;
+        if visited.contains(&me) {
+            return;
+        }
+        visited.push(me);
+        let before = out.len();
+        let mut next = Vec::new();
+        exchange.route(routing_key, headers, out, &mut next);
+        for ex in next {
+            self.route_through(&ex, routing_key, headers, out, visited);
+        }
+        if out.len() == before {
+            if let Some(alt) = exchange.alternate.as_ref() {
+                if let Ok(alt) = self.exchange(alt.as_str()) {
+                    self.route_through(&alt, routing_key, headers, out, visited);
+                }
+            }
+        }
     }
 }
 
