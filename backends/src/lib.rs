@@ -3,5 +3,6 @@
 
 pub mod engine;
 pub mod message;
+pub mod store;
 
 pub use message::Message;

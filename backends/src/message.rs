@@ -34,6 +34,22 @@ impl Message {
         }
     }
 
+    /// Rebuilds a message from its log record. Properties that no longer parse (a bug, never
+    /// seen) come back empty rather than losing the body.
+    pub fn from_stored(stored: crate::store::StoredMessage) -> Message {
+        let properties =
+            amq_protocol::protocol::basic::parse_properties(&stored.raw_properties[..])
+                .map(|(_, p)| p)
+                .unwrap_or_default();
+        Message {
+            exchange: stored.exchange.into(),
+            routing_key: stored.routing_key.into(),
+            properties,
+            raw_properties: stored.raw_properties,
+            body: stored.body,
+        }
+    }
+
     pub fn headers(&self) -> Option<&FieldTable> {
         self.properties.headers().as_ref()
     }

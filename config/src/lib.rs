@@ -1,6 +1,7 @@
 //! Typed settings for Warren. Plain data: built once at start-up, read by everything, changed by nothing.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Everything the gateway needs to know before it accepts its first connection.
@@ -9,6 +10,10 @@ pub struct Settings {
     /// Addresses to listen on for AMQP 0.9.1. Empty means RabbitMQ's default: port 5672 on every
     /// IPv4 and IPv6 address.
     pub listen: Vec<SocketAddr>,
+    /// Where durable exchanges, queues, bindings and persistent messages are kept. `None`
+    /// keeps everything in memory (tests); the binary always sets one.
+    pub data_dir: Option<PathBuf>,
+    pub storage: Storage,
     pub default_user: DefaultUser,
     pub limits: Limits,
     pub product: ProductInfo,
@@ -18,9 +23,32 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             listen: Vec::new(),
+            data_dir: None,
+            storage: Storage::default(),
             default_user: DefaultUser::default(),
             limits: Limits::default(),
             product: ProductInfo::default(),
+        }
+    }
+}
+
+/// How the message store uses the disk and memory.
+#[derive(Clone, Debug)]
+pub struct Storage {
+    /// Segment files roll over past this size.
+    pub segment_bytes: u64,
+    /// Ready messages a durable queue keeps in memory; further ones page out to its log.
+    pub queue_memory_messages: usize,
+    /// Body bytes a durable queue keeps in memory before paging.
+    pub queue_memory_bytes: usize,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            segment_bytes: 64 * 1024 * 1024,
+            queue_memory_messages: 100_000,
+            queue_memory_bytes: 64 * 1024 * 1024,
         }
     }
 }

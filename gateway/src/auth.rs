@@ -52,7 +52,9 @@ pub fn credentials(mechanism: &str, response: &[u8]) -> Result<(String, String),
                 amq_protocol::types::parsing::parse_field_table(&framed[..])
                     .map_err(|_| AuthError::Malformed("AMQPLAIN response is not a field table"))?;
             let get = |key: &str| match table.inner().get(key) {
-                Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+                Some(AMQPValue::LongString(s)) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
                 Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
                 _ => None,
             };
@@ -86,7 +88,9 @@ pub fn authenticate(
 fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 

@@ -9,13 +9,15 @@ use amq_protocol::protocol::{basic, channel, confirm, exchange, queue, tx, AMQPC
 use amq_protocol::types::{FieldTable, ShortString};
 use bytes::{Bytes, BytesMut};
 use warren_backends::engine::{
-    Consumer, ConnectionId, Exchange, ExchangeOptions, PublishOutcome, Queue, QueueOptions,
+    ConnectionId, Consumer, Exchange, ExchangeOptions, PublishOutcome, Queue, QueueOptions,
     QueuedMessage, VHost, REPLY_TO,
 };
 use warren_backends::message::encode_properties;
+use warren_backends::store::{Completion, Guard};
 use warren_backends::Message;
 
 use crate::codec::{ContentHeader, CLASS_BASIC};
+use crate::confirm::ConfirmTracker;
 use crate::consumer::{AmqpConsumer, ChannelShared, Unacked};
 use crate::error::{code, Exception};
 use crate::outbox::Outbox;
@@ -27,6 +29,10 @@ pub struct ConnContext {
     pub outbox: Arc<Outbox>,
     pub max_message_size: u64,
     pub cancel_notify: bool,
+    /// The authenticated user: a published user_id property must name it.
+    pub user: String,
+    /// Wakes the reader to send confirms that settled outside its own frame handling.
+    pub confirm_wake: Arc<tokio::sync::Notify>,
 }
 
 /// A message being assembled from publish, header and body frames.
@@ -79,6 +85,30 @@ impl BodyParts {
     }
 }
 
+/// Sends tx.commit-ok once every durable write of the committed transaction is on disk.
+struct CommitOk {
+    channel: u16,
+    outbox: Arc<Outbox>,
+}
+
+impl Completion for CommitOk {
+    fn failed(&self, reason: &str) {
+        tracing::warn!(
+            channel = self.channel,
+            reason,
+            "transaction not fully applied"
+        );
+    }
+}
+
+impl Drop for CommitOk {
+    fn drop(&mut self) {
+        let ok = AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {}));
+        let id = self.channel;
+        self.outbox.push(|enc, _| enc.method(id, &ok));
+    }
+}
+
 /// Work of an open transaction (tx.select), applied on tx.commit, dropped on tx.rollback.
 #[derive(Default)]
 struct Transaction {
@@ -87,8 +117,15 @@ struct Transaction {
 }
 
 enum TxAck {
-    Ack { tag: u64, multiple: bool },
-    Reject { tag: u64, multiple: bool, requeue: bool },
+    Ack {
+        tag: u64,
+        multiple: bool,
+    },
+    Reject {
+        tag: u64,
+        multiple: bool,
+        requeue: bool,
+    },
 }
 
 struct ConsumerEntry {
@@ -106,9 +143,8 @@ pub struct Channel {
     /// The hidden queue of this channel's direct reply-to consumer.
     reply_queue: Option<Arc<Queue>>,
     publish_seq: u64,
-    /// Highest publish sequence number routed but not yet confirmed to the client.
-    confirm_upto: u64,
-    confirmed: u64,
+    /// Publisher confirms (confirm.select): settles each publish once its sinks have it safe.
+    confirms: Option<Arc<ConfirmTracker>>,
     consumer_prefetch: u32,
     consumers: HashMap<ShortString, ConsumerEntry>,
     exchange_cache: HashMap<ShortString, Arc<Exchange>>,
@@ -151,8 +187,7 @@ impl Channel {
             tx: None,
             reply_queue: None,
             publish_seq: 0,
-            confirm_upto: 0,
-            confirmed: 0,
+            confirms: None,
             consumer_prefetch: 0,
             consumers: HashMap::new(),
             exchange_cache: HashMap::new(),
@@ -186,14 +221,21 @@ impl Channel {
     }
 
     /// Handles one method on this channel. Connection-class methods never reach here.
-    pub fn handle_method(&mut self, ctx: &ConnContext, method: AMQPClass) -> Result<Next, Exception> {
-        if self.inbound.is_some() {
-            return Err(Exception::connection(
-                code::UNEXPECTED_FRAME,
+    pub fn handle_method(
+        &mut self,
+        ctx: &ConnContext,
+        method: AMQPClass,
+    ) -> Result<Next, Exception> {
+        if let Some(inbound) = &self.inbound {
+            // Named after the publish being assembled, as RabbitMQ does.
+            let text = if inbound.header.is_some() {
+                "expected content body, got non content body frame instead".to_string()
+            } else {
                 format!(
                     "expected content header for class {CLASS_BASIC}, got non content header frame instead"
-                ),
-            ));
+                )
+            };
+            return Err(Exception::connection(code::UNEXPECTED_FRAME, text).on(60, 40));
         }
         let (class_id, method_id) = method_ids(&method);
         let result = match method {
@@ -209,6 +251,9 @@ impl Channel {
             }
             AMQPClass::Confirm(confirm::AMQPMethod::Select(sel)) => {
                 self.confirm = true;
+                let id = self.id();
+                self.confirms
+                    .get_or_insert_with(|| ConfirmTracker::new(id, ctx.confirm_wake.clone()));
                 if !sel.nowait {
                     self.send(
                         ctx,
@@ -275,7 +320,11 @@ impl Channel {
         }
     }
 
-    fn exchange_method(&mut self, ctx: &ConnContext, m: exchange::AMQPMethod) -> Result<(), Exception> {
+    fn exchange_method(
+        &mut self,
+        ctx: &ConnContext,
+        m: exchange::AMQPMethod,
+    ) -> Result<(), Exception> {
         match m {
             exchange::AMQPMethod::Declare(d) => {
                 ctx.vhost.declare_exchange(
@@ -299,7 +348,8 @@ impl Channel {
                 }
             }
             exchange::AMQPMethod::Delete(d) => {
-                ctx.vhost.delete_exchange(d.exchange.as_str(), d.if_unused)?;
+                ctx.vhost
+                    .delete_exchange(d.exchange.as_str(), d.if_unused)?;
                 if !d.nowait {
                     self.send(
                         ctx,
@@ -345,10 +395,18 @@ impl Channel {
         Ok(())
     }
 
-    fn queue_method(&mut self, ctx: &ConnContext, mut m: queue::AMQPMethod) -> Result<(), Exception> {
+    fn queue_method(
+        &mut self,
+        ctx: &ConnContext,
+        mut m: queue::AMQPMethod,
+    ) -> Result<(), Exception> {
         match &mut m {
-            queue::AMQPMethod::Bind(queue::Bind { queue, routing_key, .. })
-            | queue::AMQPMethod::Unbind(queue::Unbind { queue, routing_key, .. }) => {
+            queue::AMQPMethod::Bind(queue::Bind {
+                queue, routing_key, ..
+            })
+            | queue::AMQPMethod::Unbind(queue::Unbind {
+                queue, routing_key, ..
+            }) => {
                 if queue.as_str().is_empty() && routing_key.as_str().is_empty() {
                     self.expand_queue_name(routing_key)?;
                 }
@@ -407,7 +465,10 @@ impl Channel {
                     ctx.id,
                 )?;
                 if !b.nowait {
-                    self.send(ctx, AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})));
+                    self.send(
+                        ctx,
+                        AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
+                    );
                 }
             }
             queue::AMQPMethod::Unbind(u) => {
@@ -472,7 +533,10 @@ impl Channel {
                 } else {
                     self.consumer_prefetch = q.prefetch_count as u32;
                 }
-                self.send(ctx, AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
+                self.send(
+                    ctx,
+                    AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
+                );
                 Ok(())
             }
             basic::AMQPMethod::Consume(c) => self.consume(ctx, c),
@@ -490,9 +554,16 @@ impl Channel {
             }
             basic::AMQPMethod::Get(g) => self.get(ctx, g),
             basic::AMQPMethod::Recover(r) => {
-                self.recover(r.requeue)?;
-                self.send(ctx, AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})));
-                Ok(())
+                // recover-ok precedes the redeliveries, as in RabbitMQ (its queues redeliver
+                // after the channel answered): clients such as lapin drop deliveries that
+                // arrive before it as stale. requeue=false fails in `recover`, with no reply.
+                if r.requeue {
+                    self.send(
+                        ctx,
+                        AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})),
+                    );
+                }
+                self.recover(r.requeue)
             }
             basic::AMQPMethod::RecoverAsync(r) => self.recover(r.requeue),
             _ => Err(Exception::connection(
@@ -502,7 +573,11 @@ impl Channel {
         }
     }
 
-    fn exchange(&mut self, ctx: &ConnContext, name: &ShortString) -> Result<Arc<Exchange>, Exception> {
+    fn exchange(
+        &mut self,
+        ctx: &ConnContext,
+        name: &ShortString,
+    ) -> Result<Arc<Exchange>, Exception> {
         self.check_cache_generation(ctx);
         if let Some(ex) = self.exchange_cache.get(name) {
             return Ok(ex.clone());
@@ -567,7 +642,11 @@ impl Channel {
     }
 
     /// A content header frame arrived for this channel.
-    pub fn handle_header(&mut self, ctx: &ConnContext, header: ContentHeader) -> Result<(), Exception> {
+    pub fn handle_header(
+        &mut self,
+        ctx: &ConnContext,
+        header: ContentHeader,
+    ) -> Result<(), Exception> {
         if !self.inbound.as_ref().is_some_and(|i| i.header.is_none()) {
             return Err(Exception::connection(
                 code::UNEXPECTED_FRAME,
@@ -576,9 +655,13 @@ impl Channel {
         }
         if header.class_id != CLASS_BASIC {
             return Err(Exception::connection(
-                code::FRAME_ERROR,
-                format!("content header for class {} instead of basic", header.class_id),
-            ));
+                code::UNEXPECTED_FRAME,
+                format!(
+                    "expected content header for class {CLASS_BASIC}, got one for class {} instead",
+                    header.class_id
+                ),
+            )
+            .on(60, 40));
         }
         if header.body_size > ctx.max_message_size {
             let size = header.body_size;
@@ -598,6 +681,19 @@ impl Channel {
                 return Err(Exception::channel(
                     code::PRECONDITION_FAILED,
                     format!("invalid expiration '{exp}'"),
+                )
+                .on(60, 40));
+            }
+        }
+        if let Some(claimed) = header.properties.user_id() {
+            if claimed.as_str() != ctx.user {
+                self.inbound = None;
+                return Err(Exception::channel(
+                    code::PRECONDITION_FAILED,
+                    format!(
+                        "user_id property set to '{claimed}' but authenticated user was '{}'",
+                        ctx.user
+                    ),
                 )
                 .on(60, 40));
             }
@@ -630,7 +726,8 @@ impl Channel {
             return Err(Exception::connection(
                 code::UNEXPECTED_FRAME,
                 "content body frame before its content header",
-            ));
+            )
+            .on(60, 40));
         };
         let expected = header.body_size as usize;
         if inbound.body.len() + part.len() > expected {
@@ -640,7 +737,8 @@ impl Channel {
                     "content body of {} bytes exceeds the {expected} bytes its header announced",
                     inbound.body.len() + part.len()
                 ),
-            ));
+            )
+            .on(60, 40));
         }
         inbound.body.push(part, expected);
         if inbound.body.len() == expected {
@@ -664,21 +762,28 @@ impl Channel {
             body: inbound.body.freeze(),
         });
         if let Some(tx) = self.tx.as_mut() {
-            tx.publishes.push((inbound.exchange, message, inbound.mandatory));
+            tx.publishes
+                .push((inbound.exchange, message, inbound.mandatory));
             return Ok(());
         }
-        self.route_message(ctx, &inbound.exchange, message, inbound.mandatory);
+        let guard = self
+            .confirms
+            .as_ref()
+            .map(|t| -> Guard { t.pending(self.publish_seq) });
+        self.route_message(ctx, &inbound.exchange, message, inbound.mandatory, guard);
         Ok(())
     }
 
-    /// Routes a complete message to its queues, returns it if unroutable and mandatory, and
-    /// records its confirm.
+    /// Routes a complete message to its queues and returns it if unroutable and mandatory.
+    /// `guard` (a pending confirm or transaction) is held by every sink until the message is
+    /// safe there, and marked failed if a queue refuses the message.
     fn route_message(
         &mut self,
         ctx: &ConnContext,
         exchange: &Arc<Exchange>,
         message: Arc<Message>,
         mandatory: bool,
+        guard: Option<Guard>,
     ) {
         let mut targets = std::mem::take(&mut self.route_buf);
         if exchange.name.as_str().is_empty() {
@@ -706,14 +811,13 @@ impl Channel {
         }
         let mut rejected = false;
         for queue in targets.drain(..) {
-            rejected |= queue.publish(message.clone()) == PublishOutcome::Rejected;
+            rejected |=
+                queue.publish_with(message.clone(), guard.as_ref()) == PublishOutcome::Rejected;
         }
         self.route_buf = targets;
-        if self.confirm {
-            if rejected {
-                self.nack_publish(&ctx.outbox, self.publish_seq);
-            } else {
-                self.confirm_upto = self.publish_seq;
+        if rejected {
+            if let Some(g) = &guard {
+                g.failed("a queue refused the message (x-overflow)");
             }
         }
     }
@@ -730,12 +834,21 @@ impl Channel {
                     ));
                 }
                 self.tx.get_or_insert_with(Transaction::default);
-                self.send(ctx, AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})));
+                self.send(
+                    ctx,
+                    AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})),
+                );
             }
             tx::AMQPMethod::Commit(_) => {
                 let work = std::mem::take(self.tx.as_mut().ok_or_else(not_transactional)?);
+                // commit-ok goes out when the commit guard's last holder (a durable queue's
+                // fsync) lets go.
+                let commit: Guard = Arc::new(CommitOk {
+                    channel: self.id(),
+                    outbox: ctx.outbox.clone(),
+                });
                 for (exchange, message, mandatory) in work.publishes {
-                    self.route_message(ctx, &exchange, message, mandatory);
+                    self.route_message(ctx, &exchange, message, mandatory, Some(commit.clone()));
                 }
                 for op in work.acks {
                     match op {
@@ -747,12 +860,15 @@ impl Channel {
                         } => self.apply_reject(tag, multiple, requeue)?,
                     }
                 }
-                self.send(ctx, AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
+                drop(commit);
             }
             tx::AMQPMethod::Rollback(_) => {
                 let tx = self.tx.as_mut().ok_or_else(not_transactional)?;
                 *tx = Transaction::default();
-                self.send(ctx, AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})));
+                self.send(
+                    ctx,
+                    AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})),
+                );
             }
             _ => {
                 return Err(Exception::connection(
@@ -764,30 +880,9 @@ impl Channel {
         Ok(())
     }
 
-    /// A queue refused the publish (x-overflow reject-publish): confirm what came before, then
-    /// basic.nack this one, so the client sees every sequence number answered in order.
-    fn nack_publish(&mut self, outbox: &Outbox, seq: u64) {
-        self.flush_confirms(outbox);
-        let id = self.id();
-        outbox.push(|enc, _| enc.nack(id, seq, false));
-        self.confirm_upto = seq;
-        self.confirmed = seq;
-    }
-
-    /// Sends one basic.ack(multiple) for every publish confirmed since the last call. The
-    /// connection calls this after each batch of frames it read, so a burst of publishes gets
-    /// one confirm frame, not one each.
-    pub fn flush_confirms(&mut self, outbox: &Outbox) {
-        if self.confirm_upto > self.confirmed {
-            let (upto, multiple) = (self.confirm_upto, self.confirm_upto - self.confirmed > 1);
-            let id = self.id();
-            outbox.push(|enc, _| enc.ack(id, upto, multiple));
-            self.confirmed = upto;
-        }
-    }
-
-    pub fn confirm_pending(&self) -> bool {
-        self.confirm_upto > self.confirmed
+    /// Sends the confirms that settled since the last call, coalesced.
+    pub fn flush_confirms(&self, outbox: &Outbox) -> bool {
+        self.confirms.as_ref().is_some_and(|t| t.flush(outbox))
     }
 
     fn ack(&mut self, tag: u64, multiple: bool) -> Result<(), Exception> {
@@ -806,7 +901,7 @@ impl Channel {
         for u in &acked {
             u.release();
         }
-        drop(acked);
+        for_each_queue(acked, |queue, messages| queue.ack(messages));
         self.dispatch_consumed_queues();
         Ok(())
     }
@@ -885,26 +980,30 @@ impl Channel {
             unacked: Arc::new(AtomicU32::new(0)),
             cancelled: AtomicBool::new(false),
         });
-        // consume-ok goes into the outbox before the queue can deliver anything.
-        if !c.nowait {
-            self.send(
-                ctx,
-                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
-                    consumer_tag: tag.clone(),
-                })),
-            );
-        }
+        // consume-ok goes into the outbox once the queue accepted the consumer (not before a
+        // refusal such as exclusive use) and before the queue can deliver anything.
         let as_dyn: Arc<dyn Consumer> = consumer.clone();
-        if let Err(e) = queue.add_consumer(as_dyn) {
-            return Err(e.into());
-        }
-        self.consumers.insert(tag, ConsumerEntry { consumer, queue });
+        let (outbox, id, nowait) = (&ctx.outbox, self.id(), c.nowait);
+        queue.add_consumer_then(as_dyn, || {
+            if !nowait {
+                let ok = AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                    consumer_tag: tag.clone(),
+                }));
+                reply(outbox, id, ok);
+            }
+        })?;
+        self.consumers
+            .insert(tag, ConsumerEntry { consumer, queue });
         Ok(())
     }
 
     /// Direct reply-to: basic.consume on `amq.rabbitmq.reply-to` creates this channel's hidden
     /// reply queue; publishes from this channel with that reply-to name it instead.
-    fn reply_queue(&mut self, ctx: &ConnContext, c: &basic::Consume) -> Result<Arc<Queue>, Exception> {
+    fn reply_queue(
+        &mut self,
+        ctx: &ConnContext,
+        c: &basic::Consume,
+    ) -> Result<Arc<Queue>, Exception> {
         if !c.no_ack {
             return Err(Exception::channel(
                 code::PRECONDITION_FAILED,
@@ -933,7 +1032,10 @@ impl Channel {
                 "fast reply consumer does not exist",
             ));
         };
-        header.properties = header.properties.clone().with_reply_to(queue.name().clone());
+        header.properties = header
+            .properties
+            .clone()
+            .with_reply_to(queue.name().clone());
         header.raw_properties = encode_properties(&header.properties);
         Ok(())
     }
@@ -970,7 +1072,10 @@ impl Channel {
             );
             enc.content(id, &m.raw_properties, &m.body, frame_max);
         });
-        if !g.no_ack {
+        if g.no_ack {
+            drop(st);
+            queue.ack([message]);
+        } else {
             st.unacked.push_back(Unacked {
                 tag,
                 queue,
@@ -1038,7 +1143,10 @@ fn requeue_all(messages: Vec<Unacked>) {
 }
 
 /// Groups deliveries by the queue they came from, keeping their order within each queue.
-fn for_each_queue(mut messages: Vec<Unacked>, mut apply: impl FnMut(&Arc<Queue>, Vec<QueuedMessage>)) {
+fn for_each_queue(
+    mut messages: Vec<Unacked>,
+    mut apply: impl FnMut(&Arc<Queue>, Vec<QueuedMessage>),
+) {
     while !messages.is_empty() {
         let queue = messages[0].queue.clone();
         let (mine, rest): (Vec<Unacked>, Vec<Unacked>) = messages
@@ -1074,7 +1182,10 @@ fn consumer_priority(arguments: &FieldTable) -> Result<i32, Exception> {
 }
 
 fn unknown_tag(tag: u64) -> Exception {
-    Exception::channel(code::PRECONDITION_FAILED, format!("unknown delivery tag {tag}"))
+    Exception::channel(
+        code::PRECONDITION_FAILED,
+        format!("unknown delivery tag {tag}"),
+    )
 }
 
 /// Class and method ids of a method, for close frames.

@@ -16,7 +16,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
 use warren_backends::engine::{ConnectionId, VHost};
@@ -64,8 +64,8 @@ struct Connection {
     outbox: Arc<Outbox>,
     channels: HashMap<u16, Channel>,
     ctx: Option<ConnContext>,
-    /// Channels that routed confirmed publishes during the current read batch.
-    confirm_dirty: Vec<u16>,
+    /// Signalled when a publish settled outside frame handling (an fsync completed).
+    confirm_wake: Arc<Notify>,
     close_deadline: Option<Instant>,
 }
 
@@ -105,10 +105,7 @@ pub async fn serve(
     }
     let _ = buf.split_to(PROTOCOL_HEADER.len());
 
-    let outbox = Outbox::new(
-        limits.outbound_high_watermark,
-        limits.frame_max as usize,
-    );
+    let outbox = Outbox::new(limits.outbound_high_watermark, limits.frame_max as usize);
     let heartbeat = Arc::new(AtomicU16::new(0));
     let writer = tokio::spawn(write_loop(wr, outbox.clone(), heartbeat.clone()));
 
@@ -125,7 +122,7 @@ pub async fn serve(
         outbox: outbox.clone(),
         channels: HashMap::new(),
         ctx: None,
-        confirm_dirty: Vec::new(),
+        confirm_wake: Arc::new(Notify::new()),
         close_deadline: None,
     };
     conn.send_start();
@@ -145,7 +142,10 @@ pub async fn serve(
         }
         let deadline = conn.read_deadline(handshake_deadline);
         buf.reserve(READ_CHUNK);
+        let confirm_wake = conn.confirm_wake.clone();
         tokio::select! {
+            // An fsync settled publishes: the loop's top flushes their confirms.
+            _ = confirm_wake.notified() => {}
             read = tokio::time::timeout_at(deadline, rd.read_buf(&mut buf)) => match read {
                 Ok(Ok(0)) | Ok(Err(_)) => {
                     debug!(%peer, "client closed the socket");
@@ -207,8 +207,15 @@ impl Connection {
     /// Decodes and handles every whole frame in `buf`.
     fn process(&mut self, buf: &mut BytesMut) -> Result<(), Exception> {
         while self.phase != Phase::Done {
-            let Some(frame) = decode_frame(buf, self.frame_max)? else {
-                return Ok(());
+            let frame = match decode_frame(buf, self.frame_max) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    // The stream has lost sync: what is buffered cannot be read as frames. Drop
+                    // it, so that the client's connection.close-ok, which comes after, is seen.
+                    buf.clear();
+                    return Err(e.into());
+                }
             };
             self.handle_frame(frame)?;
         }
@@ -248,15 +255,21 @@ impl Connection {
             _ => {
                 return Err(Exception::connection(
                     code::COMMAND_INVALID,
-                    format!("unexpected frame during the handshake in state {:?}", self.phase),
+                    format!(
+                        "unexpected frame during the handshake in state {:?}",
+                        self.phase
+                    ),
                 ))
             }
         };
         let (class_id, method_id) = method_ids(&method);
-        let fail = |text: String| Exception::connection(code::COMMAND_INVALID, text).on(class_id, method_id);
+        let fail = |text: String| {
+            Exception::connection(code::COMMAND_INVALID, text).on(class_id, method_id)
+        };
         match (self.phase, method) {
             (Phase::AwaitStartOk, AMQPClass::Connection(connection::AMQPMethod::StartOk(ok))) => {
-                self.cancel_notify = client_capability(&ok.client_properties, "consumer_cancel_notify");
+                self.cancel_notify =
+                    client_capability(&ok.client_properties, "consumer_cancel_notify");
                 self.mechanism = ok.mechanism.to_string();
                 if self.mechanism == "PLAIN" && ok.response.as_bytes().is_empty() {
                     // The client wants a challenge first.
@@ -291,6 +304,9 @@ impl Connection {
                     outbox: self.outbox.clone(),
                     max_message_size: self.shared.settings.limits.max_message_size,
                     cancel_notify: self.cancel_notify,
+                    // Only the default user can log in (see `login`).
+                    user: self.shared.settings.default_user.username.clone(),
+                    confirm_wake: self.confirm_wake.clone(),
                 });
                 self.send0(AMQPClass::Connection(connection::AMQPMethod::OpenOk(
                     connection::OpenOk {},
@@ -306,7 +322,9 @@ impl Connection {
                 self.phase = Phase::Done;
                 Ok(())
             }
-            (phase, _) => Err(fail(format!("unexpected method in handshake state {phase:?}"))),
+            (phase, _) => Err(fail(format!(
+                "unexpected method in handshake state {phase:?}"
+            ))),
         }
     }
 
@@ -333,7 +351,11 @@ impl Connection {
 
     fn tune(&mut self, t: connection::TuneOk) -> Result<(), Exception> {
         let limits = &self.shared.settings.limits;
-        let frame_max = if t.frame_max == 0 { limits.frame_max } else { t.frame_max };
+        let frame_max = if t.frame_max == 0 {
+            limits.frame_max
+        } else {
+            t.frame_max
+        };
         if frame_max > limits.frame_max {
             return Err(Exception::connection(
                 code::NOT_ALLOWED,
@@ -346,7 +368,11 @@ impl Connection {
                 format!("frame_max={frame_max} < {FRAME_MIN_SIZE} min size"),
             ));
         }
-        let channel_max = if t.channel_max == 0 { limits.channel_max } else { t.channel_max };
+        let channel_max = if t.channel_max == 0 {
+            limits.channel_max
+        } else {
+            t.channel_max
+        };
         if channel_max > limits.channel_max {
             return Err(Exception::connection(
                 code::NOT_ALLOWED,
@@ -378,7 +404,10 @@ impl Connection {
         if channel.closing {
             // Waiting for channel.close-ok: drop everything else, as the spec asks.
             if let Frame::Method(_, m) = frame {
-                if let AMQPClass::Channel(chan::AMQPMethod::CloseOk(_) | chan::AMQPMethod::Close(_)) = *m {
+                if let AMQPClass::Channel(
+                    chan::AMQPMethod::CloseOk(_) | chan::AMQPMethod::Close(_),
+                ) = *m
+                {
                     if matches!(*m, AMQPClass::Channel(chan::AMQPMethod::Close(_))) {
                         reply_close_ok(&self.outbox, channel_id);
                     }
@@ -410,11 +439,6 @@ impl Connection {
             Frame::Body(_, b) => channel.handle_body(ctx, b),
             Frame::Heartbeat(_) => Ok(()),
         };
-        if let Some(channel) = self.channels.get_mut(&channel_id) {
-            if channel.confirm_pending() && !self.confirm_dirty.contains(&channel_id) {
-                self.confirm_dirty.push(channel_id);
-            }
-        }
         match result {
             Ok(()) => Ok(()),
             Err(e) if e.hard => Err(e),
@@ -428,15 +452,20 @@ impl Connection {
     fn open_channel(&mut self, frame: Frame) -> Result<(), Exception> {
         let channel_id = frame.channel();
         let Frame::Method(_, m) = frame else {
+            // Content before any method, as RabbitMQ's command assembler sees it.
             return Err(Exception::connection(
-                code::CHANNEL_ERROR,
-                format!("expected 'channel.open' on channel {channel_id}"),
+                code::UNEXPECTED_FRAME,
+                format!(
+                    "expected method frame on channel {channel_id}, got non method frame instead"
+                ),
             ));
         };
         let (class_id, method_id) = method_ids(&m);
         if !matches!(*m, AMQPClass::Channel(chan::AMQPMethod::Open(_))) {
-            return Err(Exception::connection(code::CHANNEL_ERROR, "expected 'channel.open'")
-                .on(class_id, method_id));
+            return Err(
+                Exception::connection(code::CHANNEL_ERROR, "expected 'channel.open'")
+                    .on(class_id, method_id),
+            );
         }
         if channel_id > self.channel_max {
             return Err(Exception::connection(
@@ -451,7 +480,8 @@ impl Connection {
         let Some(ctx) = self.ctx.as_ref() else {
             return Ok(());
         };
-        self.channels.insert(channel_id, Channel::new(channel_id, ctx));
+        self.channels
+            .insert(channel_id, Channel::new(channel_id, ctx));
         self.outbox.push(|enc, _| {
             enc.method(
                 channel_id,
@@ -467,7 +497,7 @@ impl Connection {
             Frame::Method(_, m) => *m,
             _ => {
                 return Err(Exception::connection(
-                    code::COMMAND_INVALID,
+                    code::UNEXPECTED_FRAME,
                     "content frames are not valid on channel 0",
                 ))
             }
@@ -484,9 +514,9 @@ impl Connection {
                 Ok(())
             }
             AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(_)) => {
-                self.send0(AMQPClass::Connection(connection::AMQPMethod::UpdateSecretOk(
-                    connection::UpdateSecretOk {},
-                )));
+                self.send0(AMQPClass::Connection(
+                    connection::AMQPMethod::UpdateSecretOk(connection::UpdateSecretOk {}),
+                ));
                 Ok(())
             }
             AMQPClass::Connection(
@@ -555,7 +585,10 @@ impl Connection {
         let text = |s: &str| AMQPValue::LongString(s.into());
         props.insert("product".into(), text(&product.product));
         props.insert("version".into(), text(&product.version));
-        props.insert("platform".into(), text(&format!("Rust / {}", std::env::consts::OS)));
+        props.insert(
+            "platform".into(),
+            text(&format!("Rust / {}", std::env::consts::OS)),
+        );
         props.insert("cluster_name".into(), text(&product.cluster_name));
         props.insert("copyright".into(), text("Warren contributors"));
         props.insert(
@@ -575,10 +608,8 @@ impl Connection {
     }
 
     fn flush_confirms(&mut self) {
-        for id in self.confirm_dirty.drain(..) {
-            if let Some(channel) = self.channels.get_mut(&id) {
-                channel.flush_confirms(&self.outbox);
-            }
+        for channel in self.channels.values() {
+            channel.flush_confirms(&self.outbox);
         }
     }
 

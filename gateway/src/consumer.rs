@@ -147,15 +147,16 @@ impl Consumer for AmqpConsumer {
             );
             enc.content(ch.id, &m.raw_properties, &m.body, frame_max);
         });
-        if !self.no_ack {
-            self.unacked.fetch_add(1, Ordering::AcqRel);
-            st.unacked.push_back(Unacked {
-                tag,
-                queue: queue.clone(),
-                message,
-                credit: Some(self.unacked.clone()),
-            });
+        if self.no_ack {
+            return Offer::Settled(message);
         }
+        self.unacked.fetch_add(1, Ordering::AcqRel);
+        st.unacked.push_back(Unacked {
+            tag,
+            queue: queue.clone(),
+            message,
+            credit: Some(self.unacked.clone()),
+        });
         Offer::Taken
     }
 

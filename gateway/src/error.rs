@@ -110,12 +110,17 @@ impl From<EngineError> for Exception {
 
 impl From<DecodeError> for Exception {
     fn from(e: DecodeError) -> Self {
+        // As RabbitMQ answers: a frame it cannot decode, method arguments included, is a
+        // FRAME_ERROR ("cannot decode ..."); a well-formed heartbeat on a channel other than 0 is
+        // an UNEXPECTED_FRAME.
         let code = match e {
             DecodeError::TooLarge { .. }
             | DecodeError::BadFrameEnd(_)
             | DecodeError::UnknownFrameType(_)
-            | DecodeError::HeartbeatOnChannel(_) => code::FRAME_ERROR,
-            DecodeError::BadMethod { .. } | DecodeError::BadHeader { .. } => code::SYNTAX_ERROR,
+            | DecodeError::BadHeartbeat(_)
+            | DecodeError::BadMethod { .. }
+            | DecodeError::BadHeader { .. } => code::FRAME_ERROR,
+            DecodeError::HeartbeatOnChannel(_) => code::UNEXPECTED_FRAME,
         };
         Exception::connection(code, e.to_string())
     }

@@ -4,6 +4,7 @@
 pub mod auth;
 mod channel;
 pub mod codec;
+mod confirm;
 mod connection;
 mod consumer;
 pub mod error;

@@ -1,6 +1,7 @@
 //! The `warren` binary.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
@@ -9,12 +10,19 @@ use warren_config::Settings;
 use warren_gateway::Server;
 
 #[derive(Parser, Debug)]
-#[command(name = "warren", version, about = "Warren: an AMQP 0-9-1 broker and messaging gateway")]
+#[command(
+    name = "warren",
+    version,
+    about = "Warren: an AMQP 0-9-1 broker and messaging gateway"
+)]
 struct Cli {
     /// Address to listen on (repeatable, or comma-separated in WARREN_LISTEN). Default: port 5672
     /// on every IPv4 and IPv6 address.
     #[arg(long, env = "WARREN_LISTEN", value_delimiter = ',')]
     listen: Vec<SocketAddr>,
+    /// Directory for durable definitions and persistent messages.
+    #[arg(long, env = "WARREN_DATA_DIR", default_value = "warren-data")]
+    data_dir: PathBuf,
 }
 
 #[tokio::main]
@@ -28,9 +36,10 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings {
         listen: cli.listen,
+        data_dir: Some(cli.data_dir),
         ..Settings::default()
     };
-    let server = Server::bind(settings).context("cannot bind the AMQP listener")?;
+    let server = Server::bind(settings).context("cannot start Warren")?;
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 use warren_backends::engine::VHost;
+use warren_backends::store::{Store, StoreOptions};
 use warren_config::Settings;
 
 use crate::connection::{self, Shared};
@@ -21,6 +22,7 @@ pub const DEFAULT_PORT: u16 = 5672;
 pub struct Server {
     listeners: Vec<TcpListener>,
     shared: Arc<Shared>,
+    store: Option<Arc<Store>>,
 }
 
 /// A server running on its own task (tests, embedding).
@@ -64,7 +66,10 @@ impl Server {
     pub fn bind(settings: Settings) -> std::io::Result<Server> {
         let mut listeners = Vec::new();
         if settings.listen.is_empty() {
-            listeners.push(listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT)))?);
+            listeners.push(listener(SocketAddr::from((
+                Ipv4Addr::UNSPECIFIED,
+                DEFAULT_PORT,
+            )))?);
             match listener(SocketAddr::from((Ipv6Addr::UNSPECIFIED, DEFAULT_PORT))) {
                 Ok(l) => listeners.push(l),
                 Err(err) => warn!(%err, "no IPv6 listener; serving IPv4 only"),
@@ -74,11 +79,25 @@ impl Server {
                 listeners.push(listener(*addr)?);
             }
         }
-        let shared = Arc::new(Shared {
-            settings,
-            vhost: VHost::new("/"),
-        });
-        Ok(Server { listeners, shared })
+        let (vhost, store) = match &settings.data_dir {
+            Some(dir) => {
+                let options = StoreOptions {
+                    segment_bytes: settings.storage.segment_bytes,
+                    queue_memory_messages: settings.storage.queue_memory_messages,
+                    queue_memory_bytes: settings.storage.queue_memory_bytes,
+                };
+                let store = Store::open(dir, options)?;
+                info!(data_dir = %dir.display(), "opening the message store");
+                (VHost::with_store("/", store.clone())?, Some(store))
+            }
+            None => (VHost::new("/"), None),
+        };
+        let shared = Arc::new(Shared { settings, vhost });
+        Ok(Server {
+            listeners,
+            shared,
+            store,
+        })
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
@@ -131,6 +150,9 @@ impl Server {
         acceptors.abort_all();
         info!(connections = connections.len(), "shutting down");
         while connections.join_next().await.is_some() {}
+        if let Some(store) = &self.store {
+            store.close();
+        }
     }
 
     /// Runs on a task of its own; for tests and embedding.

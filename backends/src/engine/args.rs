@@ -99,7 +99,10 @@ impl QueueArgs {
                 "x-max-priority" => {
                     let p = non_negative(key.as_str(), value)?;
                     if p > 255 {
-                        return Err(invalid(key.as_str(), format!("{{value_too_large,{p},255}}")));
+                        return Err(invalid(
+                            key.as_str(),
+                            format!("{{value_too_large,{p},255}}"),
+                        ));
                     }
                     out.max_priority = p as u8;
                 }
@@ -118,13 +121,19 @@ impl QueueArgs {
                 }
                 "x-dead-letter-exchange" => {
                     let name = text(value).ok_or_else(|| {
-                        invalid(key.as_str(), format!("{{unacceptable_type,{}}}", type_name(value)))
+                        invalid(
+                            key.as_str(),
+                            format!("{{unacceptable_type,{}}}", type_name(value)),
+                        )
                     })?;
                     out.dead_letter_exchange = Some(name.into());
                 }
                 "x-dead-letter-routing-key" => {
                     let rk = text(value).ok_or_else(|| {
-                        invalid(key.as_str(), format!("{{unacceptable_type,{}}}", type_name(value)))
+                        invalid(
+                            key.as_str(),
+                            format!("{{unacceptable_type,{}}}", type_name(value)),
+                        )
                     })?;
                     out.dead_letter_routing_key = Some(rk.into());
                 }
@@ -169,7 +178,10 @@ mod tests {
                 ("x-expires", AMQPValue::LongLongInt(10_000)),
                 ("x-max-length", AMQPValue::ShortInt(3)),
                 ("x-overflow", AMQPValue::LongString("reject-publish".into())),
-                ("x-dead-letter-exchange", AMQPValue::LongString("dlx".into())),
+                (
+                    "x-dead-letter-exchange",
+                    AMQPValue::LongString("dlx".into()),
+                ),
                 ("x-max-priority", AMQPValue::ShortShortUInt(10)),
                 ("x-single-active-consumer", AMQPValue::Boolean(true)),
                 ("x-custom", AMQPValue::Boolean(true)),
@@ -182,21 +194,35 @@ mod tests {
         assert_eq!(args.expires, Some(10_000));
         assert_eq!(args.max_length, Some(3));
         assert_eq!(args.overflow, Overflow::RejectPublish);
-        assert_eq!(args.dead_letter_exchange.as_ref().map(|s| s.as_str()), Some("dlx"));
+        assert_eq!(
+            args.dead_letter_exchange.as_ref().map(|s| s.as_str()),
+            Some("dlx")
+        );
         assert_eq!(args.max_priority, 10);
         assert!(args.single_active_consumer);
     }
 
     #[test]
     fn rejects_bad_values_with_rabbitmq_wording() {
-        let err = QueueArgs::parse(&table(&[("x-message-ttl", AMQPValue::LongInt(-1))]), "q", "/")
-            .unwrap_err();
+        let err = QueueArgs::parse(
+            &table(&[("x-message-ttl", AMQPValue::LongInt(-1))]),
+            "q",
+            "/",
+        )
+        .unwrap_err();
         assert_eq!(
             err.text,
             "invalid arg 'x-message-ttl' for queue 'q' in vhost '/': {value_negative,-1}"
         );
-        assert!(QueueArgs::parse(&table(&[("x-max-priority", AMQPValue::LongInt(256))]), "q", "/").is_err());
-        assert!(QueueArgs::parse(&table(&[("x-expires", AMQPValue::LongInt(0))]), "q", "/").is_err());
+        assert!(QueueArgs::parse(
+            &table(&[("x-max-priority", AMQPValue::LongInt(256))]),
+            "q",
+            "/"
+        )
+        .is_err());
+        assert!(
+            QueueArgs::parse(&table(&[("x-expires", AMQPValue::LongInt(0))]), "q", "/").is_err()
+        );
         assert!(QueueArgs::parse(
             &table(&[("x-overflow", AMQPValue::LongString("nope".into()))]),
             "q",

@@ -98,7 +98,10 @@ pub fn dead_letter(
         }
     };
     deaths.insert(0, AMQPValue::FieldTable(entry));
-    headers.insert("x-death".into(), AMQPValue::FieldArray(FieldArray::from(deaths)));
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(deaths)),
+    );
     for (key, value) in [
         ("reason", reason.as_str()),
         ("queue", queue),
@@ -148,14 +151,17 @@ pub fn dead_letter(
     if let Some(v) = props.cluster_id() {
         new_props = new_props.with_cluster_id(v.clone());
     }
-    let routing_key = dl_routing_key.cloned().unwrap_or_else(|| msg.routing_key.clone());
+    let routing_key = dl_routing_key
+        .cloned()
+        .unwrap_or_else(|| msg.routing_key.clone());
     Message::new(dlx.clone(), routing_key, new_props, msg.body.clone())
 }
 
 /// Whether dead-lettering a message into `target` would close a loop with no rejection in it;
 /// RabbitMQ drops such messages instead of cycling them forever.
 pub fn is_cycle(msg: &Message, target: &str) -> bool {
-    let Some(AMQPValue::FieldArray(deaths)) = msg.headers().and_then(|h| h.inner().get("x-death")) else {
+    let Some(AMQPValue::FieldArray(deaths)) = msg.headers().and_then(|h| h.inner().get("x-death"))
+    else {
         return false;
     };
     let mut seen_target = false;
@@ -202,11 +208,21 @@ mod tests {
 
     #[test]
     fn first_death_writes_rabbitmq_headers() {
-        let dl = dead_letter(&original(), "work", DeathReason::Rejected, &"dlx".into(), None, 1700);
+        let dl = dead_letter(
+            &original(),
+            "work",
+            DeathReason::Rejected,
+            &"dlx".into(),
+            None,
+            1700,
+        );
         assert_eq!(dl.exchange.as_str(), "dlx");
         assert_eq!(dl.routing_key.as_str(), "job");
         assert_eq!(dl.properties.expiration(), &None);
-        assert_eq!(dl.properties.message_id().as_ref().map(|s| s.as_str()), Some("m1"));
+        assert_eq!(
+            dl.properties.message_id().as_ref().map(|s| s.as_str()),
+            Some("m1")
+        );
         assert_eq!(&dl.body[..], b"payload");
         let d = deaths(&dl);
         assert_eq!(d.len(), 1);
@@ -229,10 +245,31 @@ mod tests {
 
     #[test]
     fn entries_merge_by_queue_and_reason() {
-        let once = dead_letter(&original(), "work", DeathReason::Rejected, &"dlx".into(), None, 1);
+        let once = dead_letter(
+            &original(),
+            "work",
+            DeathReason::Rejected,
+            &"dlx".into(),
+            None,
+            1,
+        );
         // Back from the delay queue, then expired there, then rejected again from work.
-        let delayed = dead_letter(&once, "delay", DeathReason::Expired, &"".into(), Some(&"work".into()), 2);
-        let twice = dead_letter(&delayed, "work", DeathReason::Rejected, &"dlx".into(), None, 3);
+        let delayed = dead_letter(
+            &once,
+            "delay",
+            DeathReason::Expired,
+            &"".into(),
+            Some(&"work".into()),
+            2,
+        );
+        let twice = dead_letter(
+            &delayed,
+            "work",
+            DeathReason::Rejected,
+            &"dlx".into(),
+            None,
+            3,
+        );
         let d = deaths(&twice);
         assert_eq!(d.len(), 2);
         assert_eq!(d[0].inner().get("queue"), Some(&long_str("work")));
@@ -246,8 +283,22 @@ mod tests {
 
     #[test]
     fn automatic_loops_are_cycles() {
-        let a = dead_letter(&original(), "a", DeathReason::Expired, &"".into(), Some(&"b".into()), 1);
-        let b = dead_letter(&a, "b", DeathReason::Expired, &"".into(), Some(&"a".into()), 2);
+        let a = dead_letter(
+            &original(),
+            "a",
+            DeathReason::Expired,
+            &"".into(),
+            Some(&"b".into()),
+            1,
+        );
+        let b = dead_letter(
+            &a,
+            "b",
+            DeathReason::Expired,
+            &"".into(),
+            Some(&"a".into()),
+            2,
+        );
         assert!(is_cycle(&b, "a"));
         assert!(!is_cycle(&b, "c"));
     }

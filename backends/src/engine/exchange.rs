@@ -280,9 +280,23 @@ impl Exchange {
         *self.bindings.write() = Bindings::default();
     }
 
+    /// Every binding of this exchange, for persisting definitions.
+    pub fn bindings_snapshot(&self) -> Vec<(Destination, ShortString, FieldTable)> {
+        self.bindings
+            .read()
+            .all
+            .iter()
+            .map(|b| (b.destination.clone(), b.key.clone(), b.arguments.clone()))
+            .collect()
+    }
+
     /// Whether `destination` is bound to this exchange.
     pub fn is_bound(&self, destination: &Destination) -> bool {
-        self.bindings.read().all.iter().any(|bd| &bd.destination == destination)
+        self.bindings
+            .read()
+            .all
+            .iter()
+            .any(|bd| &bd.destination == destination)
     }
 
     pub fn has_bindings(&self) -> bool {
@@ -312,7 +326,11 @@ impl Exchange {
             return differ("durable", bool_str(durable), bool_str(self.durable));
         }
         if auto_delete != self.auto_delete {
-            return differ("auto_delete", bool_str(auto_delete), bool_str(self.auto_delete));
+            return differ(
+                "auto_delete",
+                bool_str(auto_delete),
+                bool_str(self.auto_delete),
+            );
         }
         if internal != self.internal {
             return differ("internal", bool_str(internal), bool_str(self.internal));

@@ -64,7 +64,9 @@ pub fn headers_match(mode: XMatch, arguments: &FieldTable, headers: Option<&Fiel
 fn values_equal(a: &AMQPValue, b: &AMQPValue) -> bool {
     match (a, b) {
         (AMQPValue::LongString(x), AMQPValue::ShortString(y))
-        | (AMQPValue::ShortString(y), AMQPValue::LongString(x)) => x.as_bytes() == y.as_str().as_bytes(),
+        | (AMQPValue::ShortString(y), AMQPValue::LongString(x)) => {
+            x.as_bytes() == y.as_str().as_bytes()
+        }
         _ => {
             if let (Some(x), Some(y)) = (as_integer(a), as_integer(b)) {
                 return x == y;

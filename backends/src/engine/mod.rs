@@ -15,11 +15,13 @@ mod ready;
 mod topic;
 mod vhost;
 
-pub use error::{EngineError, ErrorCode};
-pub use exchange::{Exchange, ExchangeKind};
 pub use args::{Overflow, QueueArgs};
 pub use dead_letter::DeathReason;
-pub use queue::{Consumer, ConsumerRemoved, Offer, PublishOutcome, Queue, QueueOptions, QueuedMessage};
+pub use error::{EngineError, ErrorCode};
+pub use exchange::{Exchange, ExchangeKind};
+pub use queue::{
+    Consumer, ConsumerRemoved, Offer, PublishOutcome, Queue, QueueOptions, QueuedMessage,
+};
 pub use topic::TopicTrie;
 pub use vhost::{DeclaredQueue, ExchangeOptions, VHost, REPLY_TO};
 

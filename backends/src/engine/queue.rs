@@ -15,6 +15,7 @@ use super::args::{Overflow, QueueArgs};
 use super::dead_letter::{dead_letter, is_cycle, DeathReason};
 use super::ready::ReadyList;
 use super::{ConnectionId, EngineError, VHost};
+use crate::store::{Guard, Position, QueueLog, Recovered, StoredMessage};
 use crate::Message;
 
 /// A message as a queue holds it: the shared message plus its place in this queue.
@@ -26,11 +27,16 @@ pub struct QueuedMessage {
     pub redelivered: bool,
     /// When the message expires while ready (the smaller of x-message-ttl and `expiration`).
     pub expires_at: Option<Instant>,
+    /// The message has a record in the queue's log that must be acknowledged when it goes.
+    pub logged: bool,
 }
 
 /// A consumer's answer to a message offered to it.
 pub enum Offer {
+    /// The consumer will acknowledge (or requeue, or reject) the message later.
     Taken,
+    /// The consumer took the message and will never acknowledge it (no-ack): it is gone.
+    Settled(QueuedMessage),
     /// No credit (prefetch) or no room on its connection right now; the consumer will ask the
     /// queue to dispatch again when that changes.
     Refused(QueuedMessage),
@@ -76,6 +82,25 @@ pub struct Queue {
     state: Mutex<QueueState>,
     /// Wakes the timer task when an earlier deadline appears.
     timer: Arc<Notify>,
+    /// The durable queue's directory number and log; `None` for transient queues.
+    store_id: Option<u64>,
+    log: Option<Arc<QueueLog>>,
+    /// Ready messages kept in memory before further ones page out to the log.
+    memory_messages: usize,
+    memory_bytes: usize,
+}
+
+/// Messages of a durable queue that live only in its log until the in-memory part drains.
+#[derive(Debug, Default)]
+struct Paged {
+    count: u64,
+    bytes: u64,
+    /// Where the first paged message's record starts.
+    cursor: Option<Position>,
+    /// Sequence numbers of the paged messages run from here up to `next_seq - 1`.
+    first_seq: u64,
+    /// Messages recovered at start-up are redelivered ones.
+    redelivered_below: u64,
 }
 
 struct QueueState {
@@ -94,6 +119,7 @@ struct QueueState {
     timer_running: bool,
     /// Last time the queue was used, for x-expires.
     last_used: Instant,
+    paged: Paged,
 }
 
 /// What removing a consumer left behind.
@@ -116,6 +142,45 @@ fn same_consumer(a: &Arc<dyn Consumer>, b: &Arc<dyn Consumer>) -> bool {
     std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
 }
 
+/// A durable queue's log and what recovery found in it.
+pub struct DurableLog {
+    /// The queue's directory number in the store.
+    pub id: u64,
+    pub log: Arc<QueueLog>,
+    pub recovered: Recovered,
+    pub memory_messages: usize,
+    pub memory_bytes: usize,
+}
+
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A monotonic deadline as wall-clock milliseconds, for the log.
+fn to_unix_ms(at: Instant) -> u64 {
+    let now = Instant::now();
+    let wall = unix_ms_now();
+    if at >= now {
+        wall + (at - now).as_millis() as u64
+    } else {
+        wall.saturating_sub((now - at).as_millis() as u64)
+    }
+}
+
+fn from_unix_ms(ms: u64) -> Instant {
+    let wall = unix_ms_now();
+    let now = Instant::now();
+    if ms >= wall {
+        now + Duration::from_millis(ms - wall)
+    } else {
+        now.checked_sub(Duration::from_millis(wall - ms))
+            .unwrap_or(now)
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -126,8 +191,8 @@ fn unix_now() -> u64 {
 impl Queue {
     /// A queue outside any vhost (tests); it cannot dead-letter or expire itself.
     pub fn new(name: ShortString, vhost: ShortString, options: QueueOptions) -> Arc<Queue> {
-        let args = QueueArgs::parse(&options.arguments, name.as_str(), vhost.as_str())
-            .unwrap_or_default();
+        let args =
+            QueueArgs::parse(&options.arguments, name.as_str(), vhost.as_str()).unwrap_or_default();
         Self::with_args(name, vhost, Weak::new(), options, args)
     }
 
@@ -138,6 +203,39 @@ impl Queue {
         options: QueueOptions,
         args: QueueArgs,
     ) -> Arc<Queue> {
+        Self::build(name, vhost_name, vhost, options, args, None)
+    }
+
+    /// A durable queue over its log, with the messages recovery found in it.
+    pub(crate) fn with_log(
+        name: ShortString,
+        vhost_name: ShortString,
+        vhost: Weak<VHost>,
+        options: QueueOptions,
+        args: QueueArgs,
+        durable: DurableLog,
+    ) -> Arc<Queue> {
+        Self::build(name, vhost_name, vhost, options, args, Some(durable))
+    }
+
+    fn build(
+        name: ShortString,
+        vhost_name: ShortString,
+        vhost: Weak<VHost>,
+        options: QueueOptions,
+        args: QueueArgs,
+        durable: Option<DurableLog>,
+    ) -> Arc<Queue> {
+        let (store_id, log, recovered, memory_messages, memory_bytes) = match durable {
+            Some(d) => (
+                Some(d.id),
+                Some(d.log),
+                d.recovered,
+                d.memory_messages,
+                d.memory_bytes,
+            ),
+            None => (None, None, Recovered::default(), usize::MAX, usize::MAX),
+        };
         let queue = Arc::new(Queue {
             name,
             vhost_name,
@@ -152,16 +250,56 @@ impl Queue {
                 expiries: BinaryHeap::new(),
                 timer_running: false,
                 last_used: Instant::now(),
+                paged: Paged::default(),
             }),
             options,
             args,
             timer: Arc::new(Notify::new()),
+            store_id,
+            log,
+            memory_messages,
+            memory_bytes,
         });
-        if queue.args.expires.is_some() {
+        {
             let mut st = queue.state.lock();
-            queue.ensure_timer(&mut st);
+            queue.restore(&mut st, recovered);
+            if queue.args.expires.is_some() {
+                queue.ensure_timer(&mut st);
+            }
         }
         queue
+    }
+
+    /// Puts recovered messages back, in order and marked redelivered.
+    fn restore(self: &Arc<Self>, st: &mut QueueState, recovered: Recovered) {
+        st.next_seq = recovered.next_seq;
+        let restored = recovered.messages.len();
+        for stored in recovered.messages {
+            let msg = self.from_stored(stored, true);
+            self.enqueue(st, msg);
+        }
+        st.paged = Paged {
+            count: recovered.paged,
+            bytes: recovered.paged_bytes,
+            cursor: recovered.cursor,
+            first_seq: 0,
+            redelivered_below: recovered.next_seq,
+        };
+        if restored > 0 || recovered.paged > 0 {
+            tracing::info!(queue = %self.name, in_memory = restored, paged = recovered.paged, "recovered messages");
+        }
+    }
+
+    fn from_stored(&self, stored: StoredMessage, redelivered: bool) -> QueuedMessage {
+        let expires_at = (stored.expires_at_ms != 0).then(|| from_unix_ms(stored.expires_at_ms));
+        let seq = stored.seq;
+        QueuedMessage {
+            seq,
+            message: Arc::new(Message::from_stored(stored)),
+            redelivered,
+            expires_at,
+            logged: true,
+        }
     }
 
     pub fn name(&self) -> &ShortString {
@@ -182,7 +320,7 @@ impl Queue {
 
     /// Ready messages (not the ones delivered and awaiting an ack), as queue.declare-ok counts.
     pub fn message_count(&self) -> u32 {
-        self.state.lock().ready.len() as u32
+        Self::totals(&self.state.lock()).0.min(u32::MAX as u64) as u32
     }
 
     pub fn consumer_count(&self) -> u32 {
@@ -191,7 +329,16 @@ impl Queue {
 
     pub fn counts(&self) -> (u32, u32) {
         let st = self.state.lock();
-        (st.ready.len() as u32, st.consumers.len() as u32)
+        let ready = Self::totals(&st).0.min(u32::MAX as u64) as u32;
+        (ready, st.consumers.len() as u32)
+    }
+
+    pub fn is_durable(&self) -> bool {
+        self.log.is_some()
+    }
+
+    pub fn store_id(&self) -> Option<u64> {
+        self.store_id
     }
 
     /// Marks the queue used now (redeclare), for x-expires.
@@ -208,16 +355,27 @@ impl Queue {
         Some(now + Duration::from_millis(ttl))
     }
 
-    fn is_full(&self, ready: &ReadyList, incoming: usize) -> bool {
-        self.args.max_length.is_some_and(|max| ready.len() as u64 >= max)
+    fn is_full(&self, st: &QueueState, incoming: usize) -> bool {
+        let (len, bytes) = Self::totals(st);
+        self.args.max_length.is_some_and(|max| len >= max)
             || self
                 .args
                 .max_length_bytes
-                .is_some_and(|max| (ready.bytes() + incoming) as u64 > max)
+                .is_some_and(|max| bytes + incoming as u64 > max)
     }
 
     /// Enqueues a message and hands it to a consumer if one can take it.
     pub fn publish(self: &Arc<Self>, message: Arc<Message>) -> PublishOutcome {
+        self.publish_with(message, None)
+    }
+
+    /// Enqueues a message. A persistent message in a durable queue is logged, and `guard` is
+    /// held until its record is fsync'd: the publisher's confirm waits for that.
+    pub fn publish_with(
+        self: &Arc<Self>,
+        message: Arc<Message>,
+        guard: Option<&Guard>,
+    ) -> PublishOutcome {
         let now = Instant::now();
         let expires_at = self.expiry_for(&message, now);
         let mut dead = DeadLetters::new();
@@ -228,23 +386,51 @@ impl Queue {
             }
             let seq = st.next_seq;
             st.next_seq += 1;
-            let queued = QueuedMessage {
+            let mut queued = QueuedMessage {
                 seq,
                 message,
                 redelivered: false,
                 expires_at,
+                logged: false,
             };
             let rejecting = matches!(
                 self.args.overflow,
                 Overflow::RejectPublish | Overflow::RejectPublishDlx
             );
-            if rejecting && self.is_full(&st.ready, queued.message.body.len()) {
+            if rejecting && self.is_full(&st, queued.message.body.len()) {
                 if self.args.overflow == Overflow::RejectPublishDlx {
                     dead.push((queued, DeathReason::Maxlen));
                 }
                 PublishOutcome::Rejected
             } else {
-                if st.ready.is_empty() && !st.consumers.is_empty() {
+                let page_out = self.should_page(&st);
+                let persistent = self.log.is_some() && queued.message.is_persistent();
+                let mut paged = false;
+                if persistent || page_out {
+                    match self.append(&queued, page_out, guard) {
+                        Ok(pos) => {
+                            queued.logged = true;
+                            if page_out {
+                                if st.paged.count == 0 {
+                                    st.paged.cursor = Some(pos);
+                                    st.paged.first_seq = seq;
+                                }
+                                st.paged.count += 1;
+                                st.paged.bytes += queued.message.body.len() as u64;
+                                paged = true;
+                            }
+                        }
+                        Err(err) => {
+                            tracing::error!(queue = %self.name, %err, "cannot write to the queue log");
+                            if let Some(g) = guard.filter(|_| persistent) {
+                                g.failed(&err.to_string());
+                            }
+                        }
+                    }
+                }
+                if paged {
+                    self.dispatch_locked(&mut st, &mut dead, now);
+                } else if st.ready.is_empty() && st.paged.count == 0 && !st.consumers.is_empty() {
                     if let Some(back) = self.offer_to_consumers(&mut st, queued) {
                         self.enqueue(&mut st, back);
                     }
@@ -253,7 +439,10 @@ impl Queue {
                     self.dispatch_locked(&mut st, &mut dead, now);
                 }
                 if self.args.overflow == Overflow::DropHead {
-                    while self.over_limit(&st.ready) {
+                    while self.over_limit(&st) {
+                        if st.ready.is_empty() {
+                            self.page_in(&mut st);
+                        }
                         match st.ready.pop_front() {
                             Some(m) => dead.push((m, DeathReason::Maxlen)),
                             None => break,
@@ -263,16 +452,110 @@ impl Queue {
                 PublishOutcome::Accepted
             }
         };
-        self.dead_letter(dead);
+        self.discard(dead);
         outcome
     }
 
-    fn over_limit(&self, ready: &ReadyList) -> bool {
-        self.args.max_length.is_some_and(|max| ready.len() as u64 > max)
-            || self
-                .args
-                .max_length_bytes
-                .is_some_and(|max| ready.bytes() as u64 > max)
+    /// Whether a new message goes to the log only: the queue is durable, not a priority queue,
+    /// and its in-memory part is full (or older messages are paged already, so order holds).
+    fn should_page(&self, st: &QueueState) -> bool {
+        self.log.is_some()
+            && self.args.max_priority == 0
+            && (st.paged.count > 0
+                || st.ready.len() >= self.memory_messages
+                || st.ready.bytes() >= self.memory_bytes)
+    }
+
+    fn append(
+        &self,
+        queued: &QueuedMessage,
+        paged: bool,
+        guard: Option<&Guard>,
+    ) -> std::io::Result<Position> {
+        let Some(log) = self.log.as_ref() else {
+            return Err(std::io::Error::other("queue has no log"));
+        };
+        let m = &queued.message;
+        let stored = StoredMessage {
+            seq: queued.seq,
+            persistent: m.is_persistent(),
+            expires_at_ms: queued.expires_at.map_or(0, to_unix_ms),
+            exchange: m.exchange.to_string(),
+            routing_key: m.routing_key.to_string(),
+            raw_properties: m.raw_properties.clone(),
+            body: m.body.clone(),
+        };
+        log.append_message(&stored, paged, guard.cloned())
+    }
+
+    /// Brings paged messages back into memory once the in-memory part has drained to half.
+    fn page_in(self: &Arc<Self>, st: &mut QueueState) {
+        if st.paged.count == 0 {
+            return;
+        }
+        let (Some(log), Some(cursor)) = (self.log.as_ref(), st.paged.cursor) else {
+            st.paged = Paged::default();
+            return;
+        };
+        let want = (self.memory_messages / 2)
+            .max(1)
+            .min(st.paged.count as usize);
+        match log.read_paged(cursor, want, (self.memory_bytes / 2).max(1)) {
+            Ok((messages, next)) if !messages.is_empty() => {
+                st.paged.cursor = Some(next);
+                for stored in messages {
+                    let redelivered = stored.seq < st.paged.redelivered_below;
+                    st.paged.count = st.paged.count.saturating_sub(1);
+                    st.paged.bytes = st.paged.bytes.saturating_sub(stored.body.len() as u64);
+                    let msg = self.from_stored(stored, redelivered);
+                    self.enqueue(st, msg);
+                }
+                if st.paged.count == 0 {
+                    st.paged.cursor = None;
+                }
+            }
+            Ok(_) => {
+                tracing::error!(queue = %self.name, missing = st.paged.count, "paged messages not found in the log; they stay on disk for the next recovery");
+                st.paged = Paged::default();
+            }
+            Err(err) => {
+                tracing::error!(queue = %self.name, %err, "cannot page messages in; they stay on disk for the next recovery");
+                st.paged = Paged::default();
+            }
+        }
+    }
+
+    /// The messages left the queue for good: acknowledged in the log.
+    fn forget(&self, msg: &QueuedMessage) {
+        if msg.logged {
+            if let Some(log) = &self.log {
+                log.remove(msg.seq, msg.message.is_persistent());
+            }
+        }
+    }
+
+    /// Acknowledged (or delivered with no-ack): gone for good.
+    pub fn ack(&self, messages: impl IntoIterator<Item = QueuedMessage>) {
+        if self.log.is_none() {
+            return;
+        }
+        for m in messages {
+            self.forget(&m);
+        }
+    }
+
+    fn over_limit(&self, st: &QueueState) -> bool {
+        let (len, bytes) = Self::totals(st);
+        self.args.max_length.is_some_and(|max| len > max)
+            || self.args.max_length_bytes.is_some_and(|max| bytes > max)
+    }
+
+    /// Ready messages and their body bytes, in memory and paged.
+    fn totals(st: &QueueState) -> (u64, u64) {
+        (
+            st.ready.len() as u64 + st.paged.count,
+            st.ready.bytes() as u64 + st.paged.bytes,
+        )
     }
 
     fn enqueue(self: &Arc<Self>, st: &mut QueueState, msg: QueuedMessage) {
@@ -308,14 +591,25 @@ impl Queue {
             let mut st = self.state.lock();
             self.dispatch_locked(&mut st, &mut dead, Instant::now());
         }
-        self.dead_letter(dead);
+        self.discard(dead);
     }
 
-    fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, dead: &mut DeadLetters, now: Instant) {
+    fn dispatch_locked(
+        self: &Arc<Self>,
+        st: &mut QueueState,
+        dead: &mut DeadLetters,
+        now: Instant,
+    ) {
         if st.consumers.is_empty() {
             return;
         }
-        while let Some(next) = st.ready.pop_front() {
+        loop {
+            if st.paged.count > 0 && st.ready.len() <= self.memory_messages / 2 {
+                self.page_in(st);
+            }
+            let Some(next) = st.ready.pop_front() else {
+                return;
+            };
             if next.expires_at.is_some_and(|t| t <= now) {
                 dead.push((next, DeathReason::Expired));
                 continue;
@@ -337,6 +631,10 @@ impl Queue {
         if self.args.single_active_consumer {
             return match st.consumers.first()?.offer(self, msg) {
                 Offer::Taken => None,
+                Offer::Settled(gone) => {
+                    self.forget(&gone);
+                    None
+                }
                 Offer::Refused(back) => Some(back),
             };
         }
@@ -356,6 +654,11 @@ impl Queue {
                         st.cursor = st.cursor.wrapping_add(i + 1);
                         return None;
                     }
+                    Offer::Settled(gone) => {
+                        self.forget(&gone);
+                        st.cursor = st.cursor.wrapping_add(i + 1);
+                        return None;
+                    }
                     Offer::Refused(back) => msg = back,
                 }
             }
@@ -372,6 +675,9 @@ impl Queue {
             let mut st = self.state.lock();
             st.last_used = now;
             loop {
+                if st.ready.is_empty() {
+                    self.page_in(&mut st);
+                }
                 let Some(msg) = st.ready.pop_front() else {
                     break None;
                 };
@@ -379,10 +685,11 @@ impl Queue {
                     dead.push((msg, DeathReason::Expired));
                     continue;
                 }
-                break Some((msg, st.ready.len() as u32));
+                let remaining = Self::totals(&st).0.min(u32::MAX as u64) as u32;
+                break Some((msg, remaining));
             }
         };
-        self.dead_letter(dead);
+        self.discard(dead);
         got
     }
 
@@ -409,7 +716,7 @@ impl Queue {
             }
             self.dispatch_locked(&mut st, &mut dead, now);
         }
-        self.dead_letter(dead);
+        self.discard(dead);
     }
 
     /// Messages rejected or nacked without requeue: to the dead-letter exchange, if any.
@@ -418,19 +725,38 @@ impl Queue {
             .into_iter()
             .map(|m| (m, DeathReason::Rejected))
             .collect();
-        self.dead_letter(dead);
+        self.discard(dead);
     }
 
     /// Drops all ready messages; returns how many.
     pub fn purge(&self) -> u32 {
         let mut st = self.state.lock();
-        let n = st.ready.len() as u32;
-        st.ready.drain_all();
+        let n = Self::totals(&st).0.min(u32::MAX as u64) as u32;
+        for m in st.ready.drain_all() {
+            self.forget(&m);
+        }
         st.expiries.clear();
+        if st.paged.count > 0 {
+            if let Some(log) = &self.log {
+                log.purge_paged(st.paged.first_seq, st.next_seq.saturating_sub(1));
+            }
+            st.paged = Paged::default();
+        }
         n
     }
 
     pub fn add_consumer(self: &Arc<Self>, consumer: Arc<dyn Consumer>) -> Result<(), EngineError> {
+        self.add_consumer_then(consumer, || {})
+    }
+
+    /// Adds a consumer and calls `accepted` once it is in, before the queue offers it anything
+    /// (with the queue's lock held): where the gateway sends basic.consume-ok, so the reply
+    /// neither precedes a refusal nor follows the first delivery.
+    pub fn add_consumer_then(
+        self: &Arc<Self>,
+        consumer: Arc<dyn Consumer>,
+        accepted: impl FnOnce(),
+    ) -> Result<(), EngineError> {
         let mut dead = DeadLetters::new();
         {
             let mut st = self.state.lock();
@@ -460,9 +786,10 @@ impl Queue {
             st.consumers.insert(at, consumer);
             st.had_consumer = true;
             st.last_used = Instant::now();
+            accepted();
             self.dispatch_locked(&mut st, &mut dead, Instant::now());
         }
-        self.dead_letter(dead);
+        self.discard(dead);
         Ok(())
     }
 
@@ -471,7 +798,10 @@ impl Queue {
         let result = {
             let mut st = self.state.lock();
             let before = st.consumers.len();
-            let was_active = st.consumers.first().is_some_and(|c| same_consumer(c, consumer));
+            let was_active = st
+                .consumers
+                .first()
+                .is_some_and(|c| same_consumer(c, consumer));
             st.consumers.retain(|c| !same_consumer(c, consumer));
             let removed = st.consumers.len() != before;
             if st.consumers.is_empty() {
@@ -494,7 +824,7 @@ impl Queue {
                     && !st.deleted,
             }
         };
-        self.dead_letter(dead);
+        self.discard(dead);
         result
     }
 
@@ -507,11 +837,15 @@ impl Queue {
                 return None;
             }
             st.deleted = true;
-            let count = st.ready.len() as u32;
+            let count = Self::totals(&st).0.min(u32::MAX as u64) as u32;
             st.ready.drain_all();
             st.expiries.clear();
+            st.paged = Paged::default();
             (count, std::mem::take(&mut st.consumers))
         };
+        if let Some(log) = &self.log {
+            log.destroy();
+        }
         self.timer.notify_one();
         for consumer in consumers {
             consumer.queue_deleted(self);
@@ -519,12 +853,20 @@ impl Queue {
         Some(count)
     }
 
-    /// Republishes dead messages through the dead-letter exchange. Runs without the queue's lock,
-    /// so a dead-letter route back into this queue cannot deadlock.
-    fn dead_letter(self: &Arc<Self>, dead: DeadLetters) {
+    /// Messages that left the queue for good (expired, dropped, rejected): republished through
+    /// the dead-letter exchange if there is one, then acknowledged in the log. Runs without the
+    /// queue's lock, so a dead-letter route back into this queue cannot deadlock.
+    fn discard(self: &Arc<Self>, dead: DeadLetters) {
         if dead.is_empty() {
             return;
         }
+        self.dead_letter(&dead);
+        for (msg, _) in &dead {
+            self.forget(msg);
+        }
+    }
+
+    fn dead_letter(self: &Arc<Self>, dead: &DeadLetters) {
         let Some(dlx) = &self.args.dead_letter_exchange else {
             return;
         };
@@ -544,12 +886,17 @@ impl Queue {
             let copy = Arc::new(dead_letter(
                 &msg.message,
                 self.name.as_str(),
-                reason,
+                *reason,
                 dlx,
                 self.args.dead_letter_routing_key.as_ref(),
                 now,
             ));
-            vhost.route(&exchange, copy.routing_key.as_str(), copy.headers(), &mut targets);
+            vhost.route(
+                &exchange,
+                copy.routing_key.as_str(),
+                copy.headers(),
+                &mut targets,
+            );
             for queue in targets.drain(..) {
                 if is_cycle(&copy, queue.name().as_str()) {
                     tracing::debug!(queue = %queue.name(), "dead-letter cycle; dropping");
@@ -622,7 +969,7 @@ impl Queue {
             }
             next
         };
-        self.dead_letter(dead);
+        self.discard(dead);
         if expire_queue {
             if let Some(vhost) = self.vhost.upgrade() {
                 tracing::debug!(queue = %self.name, "queue expired (x-expires)");
@@ -717,6 +1064,7 @@ mod tests {
             message: msg(),
             redelivered: false,
             expires_at: None,
+            logged: false,
         }]);
         c.credit.store(10, Ordering::SeqCst);
         q.dispatch();
@@ -795,7 +1143,11 @@ mod tests {
         )));
         assert_eq!(q.message_count(), 2);
         tokio::time::sleep(Duration::from_millis(150)).await;
-        assert_eq!(q.message_count(), 1, "the per-message TTL expired behind the head");
+        assert_eq!(
+            q.message_count(),
+            1,
+            "the per-message TTL expired behind the head"
+        );
         tokio::time::sleep(Duration::from_millis(900)).await;
         assert_eq!(q.message_count(), 0, "the queue TTL expired the head");
     }

@@ -22,7 +22,9 @@ impl Default for ReadyList {
 impl ReadyList {
     pub fn new(max_priority: u8) -> Self {
         ReadyList {
-            levels: (0..=max_priority as usize).map(|_| VecDeque::new()).collect(),
+            levels: (0..=max_priority as usize)
+                .map(|_| VecDeque::new())
+                .collect(),
             len: 0,
             bytes: 0,
         }
@@ -126,14 +128,22 @@ mod tests {
         }
         QueuedMessage {
             seq,
-            message: Arc::new(Message::new("".into(), "k".into(), props, Bytes::from_static(b"body"))),
+            message: Arc::new(Message::new(
+                "".into(),
+                "k".into(),
+                props,
+                Bytes::from_static(b"body"),
+            )),
             redelivered: false,
             expires_at: None,
+            logged: false,
         }
     }
 
     fn seqs(r: &mut ReadyList) -> Vec<u64> {
-        std::iter::from_fn(|| r.pop_front()).map(|m| m.seq).collect()
+        std::iter::from_fn(|| r.pop_front())
+            .map(|m| m.seq)
+            .collect()
     }
 
     #[test]

@@ -27,7 +27,10 @@ impl<T> Default for Node<T> {
 
 impl<T> Node<T> {
     fn is_empty(&self) -> bool {
-        self.values.is_empty() && self.words.is_empty() && self.star.is_none() && self.hash.is_none()
+        self.values.is_empty()
+            && self.words.is_empty()
+            && self.star.is_none()
+            && self.hash.is_none()
     }
 }
 

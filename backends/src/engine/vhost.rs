@@ -10,7 +10,9 @@ use rand::Rng;
 
 use super::exchange::bool_str;
 use super::exchange::Destination;
+use super::queue::DurableLog;
 use super::{ConnectionId, EngineError, Exchange, ExchangeKind, Queue, QueueOptions};
+use crate::store::{BindingDef, Definitions, ExchangeDef, QueueDef, Store};
 
 /// Arguments of exchange.declare other than the name.
 #[derive(Debug, Clone, Default)]
@@ -41,6 +43,9 @@ pub struct VHost {
     /// Bumped whenever an exchange or queue is deleted, so callers that cache lookups know
     /// their cache may hold a deleted entity.
     generation: AtomicU64,
+    /// Where durable entities and persistent messages are kept; `None`: memory only.
+    store: Option<Arc<Store>>,
+    next_queue_id: AtomicU64,
 }
 
 impl std::fmt::Debug for VHost {
@@ -83,7 +88,169 @@ impl VHost {
             exchanges: RwLock::new(exchanges),
             queues: RwLock::new(HashMap::new()),
             generation: AtomicU64::new(0),
+            store: None,
+            next_queue_id: AtomicU64::new(1),
         })
+    }
+
+    /// A vhost backed by `store`: durable exchanges, queues (with their messages) and bindings
+    /// are recovered from it, and every durable change is written to it.
+    pub fn with_store(name: &str, store: Arc<Store>) -> std::io::Result<Arc<VHost>> {
+        let started = std::time::Instant::now();
+        let defs = store.load_definitions()?;
+        let fresh = Self::new(name);
+        let vhost = Arc::new_cyclic(|me| VHost {
+            name: name.into(),
+            me: me.clone(),
+            exchanges: RwLock::new(std::mem::take(&mut *fresh.exchanges.write())),
+            queues: RwLock::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            next_queue_id: AtomicU64::new(defs.queues.iter().map(|q| q.id + 1).max().unwrap_or(1)),
+            store: Some(store.clone()),
+        });
+        for ex in &defs.exchanges {
+            let kind = ExchangeKind::parse(&ex.kind)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+            let exchange = Exchange::new(
+                ex.name.as_str().into(),
+                kind,
+                true,
+                ex.auto_delete,
+                ex.internal,
+                ex.arguments.clone(),
+            );
+            vhost
+                .exchanges
+                .write()
+                .insert(ex.name.as_str().into(), Arc::new(exchange));
+        }
+        let mut messages = 0usize;
+        let mut paged = 0u64;
+        for q in &defs.queues {
+            let (log, recovered) = store.open_queue_log(q.id)?;
+            for damage in &recovered.damage {
+                tracing::error!(queue = %q.name, "damaged record skipped during recovery: {damage}");
+            }
+            messages += recovered.messages.len();
+            paged += recovered.paged;
+            let options = QueueOptions {
+                durable: true,
+                exclusive: None,
+                auto_delete: q.auto_delete,
+                arguments: q.arguments.clone(),
+            };
+            let args =
+                super::QueueArgs::parse(&options.arguments, &q.name, name).unwrap_or_default();
+            let queue = Queue::with_log(
+                q.name.as_str().into(),
+                vhost.name.clone(),
+                vhost.me.clone(),
+                options,
+                args,
+                DurableLog {
+                    id: q.id,
+                    log,
+                    recovered,
+                    memory_messages: store.options.queue_memory_messages,
+                    memory_bytes: store.options.queue_memory_bytes,
+                },
+            );
+            vhost.queues.write().insert(q.name.as_str().into(), queue);
+        }
+        for b in &defs.bindings {
+            let Ok(source) = vhost.exchange(&b.source) else {
+                continue;
+            };
+            let destination = if b.destination_is_queue {
+                match vhost.queue_by_name(&b.destination) {
+                    Some(q) => Destination::Queue(q),
+                    None => continue,
+                }
+            } else {
+                match vhost.exchange(&b.destination) {
+                    Ok(e) => Destination::Exchange(e),
+                    Err(_) => continue,
+                }
+            };
+            let _ = source.bind(
+                destination,
+                b.routing_key.as_str().into(),
+                b.arguments.clone(),
+            );
+        }
+        tracing::info!(
+            vhost = name,
+            exchanges = defs.exchanges.len(),
+            queues = defs.queues.len(),
+            bindings = defs.bindings.len(),
+            messages = messages as u64 + paged,
+            paged,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "recovered durable state"
+        );
+        Ok(vhost)
+    }
+
+    /// Writes the durable definitions after a change. A failure is reported to the client that
+    /// made the change: its entity exists now but would not survive a restart.
+    fn persist_definitions(&self) -> Result<(), EngineError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let exchanges: Vec<Arc<Exchange>> = self.exchanges.read().values().cloned().collect();
+        let queues: Vec<Arc<Queue>> = self.queues.read().values().cloned().collect();
+        let mut defs = Definitions::default();
+        for ex in &exchanges {
+            let builtin = ex.name.as_str().is_empty() || ex.name.as_str().starts_with("amq.");
+            if ex.durable && !builtin {
+                defs.exchanges.push(ExchangeDef {
+                    name: ex.name.to_string(),
+                    kind: ex.kind.as_str().into(),
+                    auto_delete: ex.auto_delete,
+                    internal: ex.internal,
+                    arguments: ex.arguments.clone(),
+                });
+            }
+            if !ex.durable {
+                continue;
+            }
+            for (dest, key, arguments) in ex.bindings_snapshot() {
+                let (destination, destination_is_queue) = match &dest {
+                    Destination::Queue(q) if q.is_durable() => (q.name().to_string(), true),
+                    Destination::Exchange(e) if e.durable => (e.name.to_string(), false),
+                    _ => continue,
+                };
+                defs.bindings.push(BindingDef {
+                    source: ex.name.to_string(),
+                    destination,
+                    destination_is_queue,
+                    routing_key: key.to_string(),
+                    arguments,
+                });
+            }
+        }
+        for q in &queues {
+            if let Some(id) = q.store_id() {
+                defs.queues.push(QueueDef {
+                    name: q.name().to_string(),
+                    id,
+                    auto_delete: q.options().auto_delete,
+                    arguments: q.options().arguments.clone(),
+                });
+            }
+        }
+        store.save_definitions(&defs).map_err(|e| {
+            tracing::error!(error = %e, "cannot write durable definitions");
+            EngineError::new(
+                super::ErrorCode::InternalError,
+                format!("cannot persist definitions: {e}"),
+            )
+        })
+    }
+
+    /// Whether a change to this exchange or queue must be written to the store.
+    fn touches_store(&self, durable: bool) -> bool {
+        durable && self.store.is_some()
     }
 
     pub fn name(&self) -> &str {
@@ -145,19 +312,28 @@ impl VHost {
             opts.arguments,
         ));
         exchanges.insert(name.into(), ex.clone());
+        drop(exchanges);
+        if self.touches_store(ex.durable) {
+            self.persist_definitions()?;
+        }
         Ok(ex)
     }
 
     pub fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), EngineError> {
-        if name.is_empty() || name.starts_with("amq.") {
+        if name.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        if name.starts_with("amq.") {
             return Err(EngineError::access_refused(format!(
-                "operation not permitted on the default exchange '{name}'"
+                "deletion of system exchange '{name}' in vhost '{}' not allowed",
+                self.name()
             )));
         }
         let ex = {
             let mut exchanges = self.exchanges.write();
             let Some(ex) = exchanges.get(name) else {
-                return Err(EngineError::not_found("exchange", name, self.name()));
+                // RabbitMQ answers delete-ok for an exchange that does not exist.
+                return Ok(());
             };
             if if_unused && ex.has_bindings() {
                 return Err(EngineError::precondition(format!(
@@ -171,7 +347,11 @@ impl VHost {
         };
         self.generation.fetch_add(1, Ordering::AcqRel);
         ex.clear_bindings();
+        let durable = ex.durable;
         self.unbind_everywhere(&Destination::Exchange(ex));
+        if self.touches_store(durable) {
+            self.persist_definitions()?;
+        }
         Ok(())
     }
 
@@ -261,8 +441,44 @@ impl VHost {
             });
         }
         let args = super::QueueArgs::parse(&options.arguments, name.as_str(), self.name())?;
-        let queue = Queue::with_args(name.clone(), self.name.clone(), self.me.clone(), options, args);
+        let durable = options.durable && options.exclusive.is_none();
+        let queue = match self.store.as_ref().filter(|_| durable) {
+            Some(store) => {
+                let id = self.next_queue_id.fetch_add(1, Ordering::AcqRel);
+                let (log, recovered) = store.open_queue_log(id).map_err(|e| {
+                    EngineError::new(
+                        super::ErrorCode::InternalError,
+                        format!("cannot create the log of queue '{name}': {e}"),
+                    )
+                })?;
+                Queue::with_log(
+                    name.clone(),
+                    self.name.clone(),
+                    self.me.clone(),
+                    options,
+                    args,
+                    DurableLog {
+                        id,
+                        log,
+                        recovered,
+                        memory_messages: store.options.queue_memory_messages,
+                        memory_bytes: store.options.queue_memory_bytes,
+                    },
+                )
+            }
+            None => Queue::with_args(
+                name.clone(),
+                self.name.clone(),
+                self.me.clone(),
+                options,
+                args,
+            ),
+        };
         queues.insert(name, queue.clone());
+        drop(queues);
+        if queue.is_durable() {
+            self.persist_definitions()?;
+        }
         Ok(DeclaredQueue {
             queue,
             message_count: 0,
@@ -326,7 +542,10 @@ impl VHost {
             if !key.as_str().starts_with("x-") {
                 continue;
             }
-            let (a, b) = (new.arguments.inner().get(key), cur.arguments.inner().get(key));
+            let (a, b) = (
+                new.arguments.inner().get(key),
+                cur.arguments.inner().get(key),
+            );
             if a != b && !integers_equal(a, b) {
                 let _ = value;
                 return differ(key.as_str(), &show(a), &show(b));
@@ -378,6 +597,10 @@ impl VHost {
         self.generation.fetch_add(1, Ordering::AcqRel);
         let dropped = queue.mark_deleted();
         self.unbind_everywhere(&Destination::Queue(queue.clone()));
+        if queue.is_durable() {
+            // The queue is gone either way; a failure is logged by persist_definitions.
+            let _ = self.persist_definitions();
+        }
         dropped
     }
 
@@ -391,8 +614,12 @@ impl VHost {
                 return;
             }
         }
+        drop(exchanges);
         // An auto-deleted exchange may itself have been bound to other exchanges.
         self.unbind_everywhere(&Destination::Exchange(ex.clone()));
+        if self.touches_store(ex.durable) {
+            let _ = self.persist_definitions();
+        }
     }
 
     /// Deletes the exclusive queues of a connection that has closed.
@@ -423,7 +650,12 @@ impl VHost {
         }
         let ex = self.exchange(exchange)?;
         let queue = self.queue(queue, owner)?;
-        ex.bind(Destination::Queue(queue), routing_key.into(), arguments)
+        let durable = ex.durable && queue.is_durable();
+        ex.bind(Destination::Queue(queue), routing_key.into(), arguments)?;
+        if self.touches_store(durable) {
+            self.persist_definitions()?;
+        }
+        Ok(())
     }
 
     /// exchange.bind: messages routed by `source` also go through `destination`.
@@ -435,7 +667,12 @@ impl VHost {
         arguments: FieldTable,
     ) -> Result<(), EngineError> {
         let (dest, src) = self.exchange_pair(destination, source)?;
-        src.bind(Destination::Exchange(dest), routing_key.into(), arguments)
+        let durable = src.durable && dest.durable;
+        src.bind(Destination::Exchange(dest), routing_key.into(), arguments)?;
+        if self.touches_store(durable) {
+            self.persist_definitions()?;
+        }
+        Ok(())
     }
 
     pub fn unbind_exchange(
@@ -446,11 +683,15 @@ impl VHost {
         arguments: &FieldTable,
     ) -> Result<(), EngineError> {
         let (dest, src) = self.exchange_pair(destination, source)?;
+        let durable = src.durable && dest.durable;
         if src.unbind(&Destination::Exchange(dest), &routing_key.into(), arguments)
             && src.auto_delete
             && !src.has_bindings()
         {
             self.remove_auto_deleted_exchange(&src);
+        }
+        if self.touches_store(durable) {
+            self.persist_definitions()?;
         }
         Ok(())
     }
@@ -482,11 +723,15 @@ impl VHost {
             return Ok(());
         };
         self.check_exclusive(&queue, owner)?;
+        let durable = ex.durable && queue.is_durable();
         if ex.unbind(&Destination::Queue(queue), &routing_key.into(), arguments)
             && ex.auto_delete
             && !ex.has_bindings()
         {
             self.remove_auto_deleted_exchange(&ex);
+        }
+        if self.touches_store(durable) {
+            self.persist_definitions()?;
         }
         Ok(())
     }

@@ -10,6 +10,9 @@ use super::{FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD};
 pub const FRAME_HEADER_LEN: usize = 7;
 
 /// A decoded frame. Bodies and raw properties borrow the read buffer's allocation.
+// A frame is handled as soon as it is decoded and never stored in bulk, so the large header
+// variant costs nothing, where boxing it would cost an allocation per published message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Frame {
     Method(u16, Box<AMQPClass>),
@@ -40,7 +43,7 @@ pub struct ContentHeader {
 }
 
 /// Why a frame could not be decoded. Each maps to a connection exception.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("frame size {size} exceeds the negotiated frame_max {max}")]
     TooLarge { size: usize, max: usize },
@@ -54,6 +57,8 @@ pub enum DecodeError {
     BadHeader { channel: u16, reason: String },
     #[error("heartbeat frame on channel {0}")]
     HeartbeatOnChannel(u16),
+    #[error("heartbeat frame with a {0}-byte payload")]
+    BadHeartbeat(usize),
 }
 
 /// Takes one frame off the front of `buf`, or returns `Ok(None)` if `buf` does not hold a whole
@@ -96,6 +101,9 @@ pub fn decode_frame(buf: &mut BytesMut, frame_max: usize) -> Result<Option<Frame
         FRAME_HEADER => Frame::Header(channel, decode_header(channel, payload)?),
         FRAME_BODY => Frame::Body(channel, payload),
         _ => {
+            if size != 0 {
+                return Err(DecodeError::BadHeartbeat(size));
+            }
             if channel != 0 {
                 return Err(DecodeError::HeartbeatOnChannel(channel));
             }
@@ -134,13 +142,24 @@ fn decode_header(channel: u16, payload: Bytes) -> Result<ContentHeader, DecodeEr
     }
     let class_id = u16::from_be_bytes([payload[0], payload[1]]);
     let body_size = u64::from_be_bytes([
-        payload[4], payload[5], payload[6], payload[7], payload[8], payload[9], payload[10],
+        payload[4],
+        payload[5],
+        payload[6],
+        payload[7],
+        payload[8],
+        payload[9],
+        payload[10],
         payload[11],
     ]);
     let raw_properties = payload.slice(12..);
     let properties = match amq_protocol::protocol::basic::parse_properties(&raw_properties[..]) {
-        Ok((rest, props)) if rest.is_empty() => props,
-        Ok((rest, _)) => return Err(bad(format!("{} trailing bytes after properties", rest.len()))),
+        Ok(([], props)) => props,
+        Ok((rest, _)) => {
+            return Err(bad(format!(
+                "{} trailing bytes after properties",
+                rest.len()
+            )))
+        }
         Err(err) => return Err(bad(format!("cannot decode properties: {err}"))),
     };
     Ok(ContentHeader {

@@ -82,7 +82,11 @@ impl Encoder {
         exchange: &str,
         routing_key: &str,
     ) {
-        let size = 4 + short_str_len(consumer_tag) + 8 + 1 + short_str_len(exchange)
+        let size = 4
+            + short_str_len(consumer_tag)
+            + 8
+            + 1
+            + short_str_len(exchange)
             + short_str_len(routing_key);
         self.frame_start(FRAME_METHOD, channel, size);
         self.out.put_u16(CLASS_BASIC);
@@ -161,12 +165,22 @@ impl Encoder {
     }
 
     fn short_str(&mut self, s: &str) {
-        let bytes = &s.as_bytes()[..s.len().min(255)];
+        let bytes = short_str_bytes(s);
         self.out.put_u8(bytes.len() as u8);
         self.out.extend_from_slice(bytes);
     }
 }
 
+/// `s` cut to the 255 bytes a short string holds, on a character boundary so the frame stays
+/// valid UTF-8.
+fn short_str_bytes(s: &str) -> &[u8] {
+    let mut end = s.len().min(255);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s.as_bytes()[..end]
+}
+
 fn short_str_len(s: &str) -> usize {
-    1 + s.len().min(255)
+    1 + short_str_bytes(s).len()
 }

@@ -6,6 +6,8 @@
 
 mod decode;
 mod encode;
+#[cfg(test)]
+mod tests;
 
 pub use decode::{decode_frame, ContentHeader, DecodeError, Frame, FRAME_HEADER_LEN};
 pub use encode::{encode_method, Encoder};
