@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Runs Warren's whole test suite, including the Python pika interop test.
+#
+# Works on a fresh Debian/Ubuntu machine with only Rust installed: it creates a virtualenv
+# with pika at target/pyenv (installing Debian's python3-venv with apt-get if needed), exports
+# WARREN_PYTHON for the interop test, then runs every test target with cargo nextest when it
+# is installed (cargo test otherwise), plus doc tests if the workspace has any.
+set -euo pipefail
+
+PIKA_VERSION=1.3.2
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+VENV="$ROOT/target/pyenv"
+started=$SECONDS
+
+log() { printf '==> %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+    # shellcheck disable=SC1091
+    . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust first (https://rustup.rs)"
+
+# --- Python virtualenv with pika -------------------------------------------------------------
+
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 ||
+        die "python3 with the venv module is required; install it (e.g. python3-venv) and re-run"
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null 2>&1 || die "need root or sudo to apt-get install $*"
+        sudo=sudo
+    fi
+    log "installing $* with apt-get${sudo:+ (via sudo)}"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+venv_works() {
+    [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -m pip --version >/dev/null 2>&1
+}
+
+if ! venv_works; then
+    # `python3 -m venv` needs ensurepip, which Debian ships separately in python3-venv.
+    if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        apt_install python3-venv
+    fi
+    log "creating the Python virtualenv $VENV"
+    rm -rf "$VENV"
+    mkdir -p "$ROOT/target"
+    python3 -m venv "$VENV"
+    venv_works || die "the virtualenv $VENV has no working pip"
+fi
+
+if ! "$VENV/bin/python" -c '
+import sys
+from importlib.metadata import version, PackageNotFoundError
+try:
+    sys.exit(version("pika") != sys.argv[1])
+except PackageNotFoundError:
+    sys.exit(1)
+' "$PIKA_VERSION" 2>/dev/null; then
+    log "installing pika==$PIKA_VERSION into $VENV"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+        "pika==$PIKA_VERSION"
+fi
+export WARREN_PYTHON="$VENV/bin/python"
+
+# --- Rust tests ------------------------------------------------------------------------------
+
+# Keep going after a failure so one run shows every failing test; exit non-zero at the end.
+failed=()
+if cargo nextest --version >/dev/null 2>&1; then
+    log "cargo nextest run --workspace --all-targets"
+    cargo nextest run --workspace --all-targets --no-fail-fast || failed+=("cargo nextest run")
+else
+    log "cargo test --workspace --all-targets (install cargo-nextest for a faster run)"
+    cargo test --workspace --all-targets --no-fail-fast || failed+=("cargo test")
+fi
+
+# Neither command above runs doc tests. Only pay for rustdoc if some doc comment has a code
+# block (or the docs include a file that might).
+if grep -rqE --include='*.rs' --exclude-dir=target --exclude-dir=.git \
+    '^[[:space:]]*(//[/!].*```|#!?\[doc[[:space:]]*=[[:space:]]*include_str!)' .; then
+    log "cargo test --doc --workspace"
+    cargo test --doc --workspace --no-fail-fast || failed+=("cargo test --doc")
+else
+    log "no doc tests in the workspace; skipping cargo test --doc"
+fi
+
+elapsed=$((SECONDS - started))
+if [ ${#failed[@]} -gt 0 ]; then
+    die "failed after ${elapsed}s: ${failed[*]}"
+fi
+log "all tests passed in ${elapsed}s"
