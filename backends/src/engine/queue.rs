@@ -15,11 +15,12 @@ use super::args::{Overflow, QueueArgs};
 use super::dead_letter::{dead_letter, is_cycle, DeathReason};
 use super::ready::ReadyList;
 use super::{ConnectionId, EngineError, VHost};
+use crate::backend::{Settle, Settlement};
 use crate::store::{Guard, Position, QueueLog, Recovered, StoredMessage};
 use crate::Message;
 
 /// A message as a queue holds it: the shared message plus its place in this queue.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct QueuedMessage {
     /// Position in this queue; a requeued message goes back to its position by this number.
     pub seq: u64,
@@ -29,6 +30,20 @@ pub struct QueuedMessage {
     pub expires_at: Option<Instant>,
     /// The message has a record in the queue's log that must be acknowledged when it goes.
     pub logged: bool,
+    /// A message received from a bridged target (a queue mapping): settled there when it
+    /// leaves this queue.
+    pub remote: Option<Arc<dyn Settle>>,
+}
+
+impl std::fmt::Debug for QueuedMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuedMessage")
+            .field("seq", &self.seq)
+            .field("redelivered", &self.redelivered)
+            .field("logged", &self.logged)
+            .field("remote", &self.remote.is_some())
+            .finish()
+    }
 }
 
 /// A consumer's answer to a message offered to it.
@@ -299,6 +314,7 @@ impl Queue {
             redelivered,
             expires_at,
             logged: true,
+            remote: None,
         }
     }
 
@@ -392,6 +408,7 @@ impl Queue {
                 redelivered: false,
                 expires_at,
                 logged: false,
+                remote: None,
             };
             let rejecting = matches!(
                 self.args.overflow,
@@ -527,6 +544,7 @@ impl Queue {
 
     /// The messages left the queue for good: acknowledged in the log.
     fn forget(&self, msg: &QueuedMessage) {
+        self.settle_remote(msg, Settlement::Ack);
         if msg.logged {
             if let Some(log) = &self.log {
                 log.remove(msg.seq, msg.message.is_persistent());
@@ -534,11 +552,46 @@ impl Queue {
         }
     }
 
+    fn settle_remote(&self, msg: &QueuedMessage, outcome: Settlement) {
+        if let Some(remote) = &msg.remote {
+            remote.settle(outcome);
+        }
+    }
+
+    /// A message received from a bridged target through a queue mapping.
+    pub fn publish_remote(self: &Arc<Self>, message: Arc<Message>, redelivered: bool, remote: Arc<dyn Settle>) {
+        let mut dead = DeadLetters::new();
+        {
+            let mut st = self.state.lock();
+            if st.deleted {
+                drop(st);
+                remote.settle(Settlement::Requeue);
+                return;
+            }
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            let queued = QueuedMessage {
+                seq,
+                message,
+                redelivered,
+                expires_at: None,
+                logged: false,
+                remote: Some(remote),
+            };
+            if st.ready.is_empty() && !st.consumers.is_empty() {
+                if let Some(back) = self.offer_to_consumers(&mut st, queued) {
+                    self.enqueue(&mut st, back);
+                }
+            } else {
+                self.enqueue(&mut st, queued);
+                self.dispatch_locked(&mut st, &mut dead, Instant::now());
+            }
+        }
+        self.discard(dead);
+    }
+
     /// Acknowledged (or delivered with no-ack): gone for good.
     pub fn ack(&self, messages: impl IntoIterator<Item = QueuedMessage>) {
-        if self.log.is_none() {
-            return;
-        }
         for m in messages {
             self.forget(&m);
         }
@@ -735,6 +788,7 @@ impl Queue {
         for m in st.ready.drain_all() {
             self.forget(&m);
         }
+
         st.expiries.clear();
         if st.paged.count > 0 {
             if let Some(log) = &self.log {
@@ -838,7 +892,9 @@ impl Queue {
             }
             st.deleted = true;
             let count = Self::totals(&st).0.min(u32::MAX as u64) as u32;
-            st.ready.drain_all();
+            for m in st.ready.drain_all() {
+                self.settle_remote(&m, Settlement::Requeue);
+            }
             st.expiries.clear();
             st.paged = Paged::default();
             (count, std::mem::take(&mut st.consumers))
@@ -860,8 +916,14 @@ impl Queue {
         if dead.is_empty() {
             return;
         }
-        self.dead_letter(&dead);
-        for (msg, _) in &dead {
+        let (remote, local): (DeadLetters, DeadLetters) =
+            dead.into_iter().partition(|(m, _)| m.remote.is_some());
+        // A bridged message is refused at its target, which applies its own dead-lettering.
+        for (msg, _) in &remote {
+            self.settle_remote(msg, Settlement::Reject);
+        }
+        self.dead_letter(&local);
+        for (msg, _) in &local {
             self.forget(msg);
         }
     }
@@ -1065,6 +1127,7 @@ mod tests {
             redelivered: false,
             expires_at: None,
             logged: false,
+            remote: None,
         }]);
         c.credit.store(10, Ordering::SeqCst);
         q.dispatch();

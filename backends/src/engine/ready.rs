@@ -137,6 +137,7 @@ mod tests {
             redelivered: false,
             expires_at: None,
             logged: false,
+            remote: None,
         }
     }
 
