@@ -21,6 +21,7 @@ use crate::confirm::ConfirmTracker;
 use crate::consumer::{AmqpConsumer, ChannelShared, Unacked};
 use crate::error::{code, Exception};
 use crate::outbox::Outbox;
+use crate::routes::{RouteMode, RoutingPlan};
 
 /// What a channel needs from its connection.
 pub struct ConnContext {
@@ -33,11 +34,15 @@ pub struct ConnContext {
     pub user: String,
     /// Wakes the reader to send confirms that settled outside its own frame handling.
     pub confirm_wake: Arc<tokio::sync::Notify>,
+    /// Configured routes to bridged backends.
+    pub plan: Arc<RoutingPlan>,
 }
 
 /// A message being assembled from publish, header and body frames.
 struct Inbound {
-    exchange: Arc<Exchange>,
+    /// `None` when the exchange exists only as a configured route's source.
+    exchange: Option<Arc<Exchange>>,
+    exchange_name: ShortString,
     routing_key: ShortString,
     mandatory: bool,
     header: Option<ContentHeader>,
@@ -112,7 +117,7 @@ impl Drop for CommitOk {
 /// Work of an open transaction (tx.select), applied on tx.commit, dropped on tx.rollback.
 #[derive(Default)]
 struct Transaction {
-    publishes: Vec<(Arc<Exchange>, Arc<Message>, bool)>,
+    publishes: Vec<(Option<Arc<Exchange>>, Arc<Message>, bool)>,
     acks: Vec<TxAck>,
 }
 
@@ -611,8 +616,12 @@ impl Channel {
     }
 
     fn start_publish(&mut self, ctx: &ConnContext, p: basic::Publish) -> Result<(), Exception> {
-        let exchange = self.exchange(ctx, &p.exchange)?;
-        if exchange.internal {
+        let exchange = match self.exchange(ctx, &p.exchange) {
+            Ok(ex) => Some(ex),
+            Err(_) if ctx.plan.routes_exchange(p.exchange.as_str()) => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(exchange) = exchange.as_ref().filter(|ex| ex.internal) {
             return Err(Exception::channel(
                 code::ACCESS_REFUSED,
                 format!(
@@ -633,6 +642,7 @@ impl Channel {
         }
         self.inbound = Some(Inbound {
             exchange,
+            exchange_name: p.exchange,
             routing_key: p.routing_key,
             mandatory: p.mandatory,
             header: None,
@@ -755,7 +765,7 @@ impl Channel {
             return Ok(());
         };
         let message = Arc::new(Message {
-            exchange: inbound.exchange.name.clone(),
+            exchange: inbound.exchange_name,
             routing_key: inbound.routing_key,
             properties: header.properties,
             raw_properties: header.raw_properties,
@@ -770,7 +780,7 @@ impl Channel {
             .confirms
             .as_ref()
             .map(|t| -> Guard { t.pending(self.publish_seq) });
-        self.route_message(ctx, &inbound.exchange, message, inbound.mandatory, guard);
+        self.route_message(ctx, inbound.exchange.as_ref(), message, inbound.mandatory, guard);
         Ok(())
     }
 
@@ -780,23 +790,50 @@ impl Channel {
     fn route_message(
         &mut self,
         ctx: &ConnContext,
-        exchange: &Arc<Exchange>,
+        exchange: Option<&Arc<Exchange>>,
         message: Arc<Message>,
         mandatory: bool,
         guard: Option<Guard>,
     ) {
+        let route = ctx.plan.find(
+            message.exchange.as_str(),
+            message.routing_key.as_str(),
+            message.headers(),
+        );
+        let mut routed_to_backend = false;
+        if let Some(route) = route {
+            // The backend holds the guard until the target has the message; a publisher
+            // without confirms still gets the bridge's retries.
+            let hold = guard.clone().unwrap_or_else(warren_backends::backend::no_wait);
+            route
+                .backend
+                .publish(&route.destination, message.clone(), hold);
+            routed_to_backend = true;
+            if route.mode == RouteMode::Forward {
+                return;
+            }
+        }
         let mut targets = std::mem::take(&mut self.route_buf);
-        if exchange.name.as_str().is_empty() {
-            self.route_default(ctx, &message.routing_key, &mut targets);
-        } else {
-            ctx.vhost.route(
-                exchange,
+        let engine_routes = route.is_some() || !ctx.plan.reject_unmatched;
+        match exchange {
+            Some(ex) if engine_routes && ex.name.as_str().is_empty() => {
+                self.route_default(ctx, &message.routing_key, &mut targets)
+            }
+            Some(ex) if engine_routes => ctx.vhost.route(
+                ex,
                 message.routing_key.as_str(),
                 message.headers(),
                 &mut targets,
-            );
+            ),
+            _ => {}
         }
-        if targets.is_empty() && mandatory {
+        if !routed_to_backend && !engine_routes {
+            // `unmatched: reject`: refused like an unroutable mandatory message, and nacked.
+            if let Some(g) = &guard {
+                g.failed("no configured route matches");
+            }
+        }
+        if targets.is_empty() && !routed_to_backend && mandatory {
             let ret = AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
                 reply_code: code::NO_ROUTE,
                 reply_text: "NO_ROUTE".into(),
@@ -848,7 +885,13 @@ impl Channel {
                     outbox: ctx.outbox.clone(),
                 });
                 for (exchange, message, mandatory) in work.publishes {
-                    self.route_message(ctx, &exchange, message, mandatory, Some(commit.clone()));
+                    self.route_message(
+                        ctx,
+                        exchange.as_ref(),
+                        message,
+                        mandatory,
+                        Some(commit.clone()),
+                    );
                 }
                 for op in work.acks {
                     match op {

@@ -27,6 +27,7 @@ use crate::channel::{method_ids, Channel, ConnContext, Next};
 use crate::codec::{decode_frame, Frame, FRAME_MIN_SIZE, PROTOCOL_HEADER};
 use crate::error::{code, Exception};
 use crate::outbox::Outbox;
+use crate::routes::RoutingPlan;
 
 /// How long we wait for connection.close-ok after sending connection.close.
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -36,6 +37,7 @@ const READ_CHUNK: usize = 64 * 1024;
 pub struct Shared {
     pub settings: Settings,
     pub vhost: Arc<VHost>,
+    pub plan: Arc<RoutingPlan>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -307,6 +309,7 @@ impl Connection {
                     // Only the default user can log in (see `login`).
                     user: self.shared.settings.default_user.username.clone(),
                     confirm_wake: self.confirm_wake.clone(),
+                    plan: self.shared.plan.clone(),
                 });
                 self.send0(AMQPClass::Connection(connection::AMQPMethod::OpenOk(
                     connection::OpenOk {},

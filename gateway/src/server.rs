@@ -14,6 +14,8 @@ use warren_backends::store::{Store, StoreOptions};
 use warren_config::Settings;
 
 use crate::connection::{self, Shared};
+use crate::routes::RoutingPlan;
+use warren_backends::embedded::spawn_queue_mapping;
 
 /// RabbitMQ's port.
 pub const DEFAULT_PORT: u16 = 5672;
@@ -64,6 +66,11 @@ fn listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 impl Server {
     /// Binds the configured addresses, or port 5672 on every IPv4 and IPv6 address.
     pub fn bind(settings: Settings) -> std::io::Result<Server> {
+        Self::bind_with_plan(settings, RoutingPlan::default())
+    }
+
+    /// Like `bind`, with configured routes to bridged backends and queue mappings.
+    pub fn bind_with_plan(settings: Settings, plan: RoutingPlan) -> std::io::Result<Server> {
         let mut listeners = Vec::new();
         if settings.listen.is_empty() {
             listeners.push(listener(SocketAddr::from((
@@ -92,7 +99,14 @@ impl Server {
             }
             None => (VHost::new("/"), None),
         };
-        let shared = Arc::new(Shared { settings, vhost });
+        for mapping in &plan.mappings {
+            vhost.declare_mapped_queue(&mapping.name);
+        }
+        let shared = Arc::new(Shared {
+            settings,
+            vhost,
+            plan: Arc::new(plan),
+        });
         Ok(Server {
             listeners,
             shared,
@@ -111,6 +125,18 @@ impl Server {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         for addr in self.local_addrs() {
             info!(%addr, "listening for AMQP 0-9-1");
+        }
+        let mut pumps = Vec::new();
+        for mapping in &self.shared.plan.mappings {
+            if let Some(queue) = self.shared.vhost.queue_by_name(&mapping.name) {
+                info!(queue = %mapping.name, backend = mapping.backend.name(), source = %mapping.source, "queue mapping");
+                pumps.push(spawn_queue_mapping(
+                    queue,
+                    mapping.backend.clone(),
+                    mapping.source.clone(),
+                    mapping.prefetch,
+                ));
+            }
         }
         let next_id = Arc::new(AtomicU64::new(1));
         let mut connections = JoinSet::new();
@@ -150,6 +176,12 @@ impl Server {
         acceptors.abort_all();
         info!(connections = connections.len(), "shutting down");
         while connections.join_next().await.is_some() {}
+        for pump in pumps {
+            pump.abort();
+        }
+        for backend in &self.shared.plan.backends {
+            backend.close().await;
+        }
         if let Some(store) = &self.store {
             store.close();
         }

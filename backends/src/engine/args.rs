@@ -151,7 +151,7 @@ impl QueueArgs {
         }
         if out.dead_letter_routing_key.is_some() && out.dead_letter_exchange.is_none() {
             return Err(EngineError::precondition(format!(
-                "invalid arg 'x-dead-letter-routing-key' for queue '{queue}' in vhost '{vhost}': {{missing_dead_letter_exchange}}"
+                "invalid arg 'x-dead-letter-routing-key' for queue '{queue}' in vhost '{vhost}': routing_key_but_no_dlx_defined"
             )));
         }
         Ok(out)

@@ -78,8 +78,9 @@ pub fn dead_letter(
                 Some(AMQPValue::LongInt(n)) => *n as i64,
                 _ => 0,
             };
+            // Only the count changes: `time`, `exchange` and `routing-keys` stay those of the
+            // first death for this (queue, reason), as in RabbitMQ.
             entry.insert("count".into(), AMQPValue::LongLongInt(count + 1));
-            entry.insert("time".into(), AMQPValue::Timestamp(now_unix_secs));
             entry
         }
         None => {
@@ -274,6 +275,8 @@ mod tests {
         assert_eq!(d.len(), 2);
         assert_eq!(d[0].inner().get("queue"), Some(&long_str("work")));
         assert_eq!(d[0].inner().get("count"), Some(&AMQPValue::LongLongInt(2)));
+        // The merged entry keeps the time of its first death.
+        assert_eq!(d[0].inner().get("time"), Some(&AMQPValue::Timestamp(1)));
         assert_eq!(d[1].inner().get("queue"), Some(&long_str("delay")));
         let h = twice.headers().unwrap().inner();
         assert_eq!(h.get("x-first-death-reason"), Some(&long_str("rejected")));

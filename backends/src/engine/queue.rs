@@ -97,6 +97,8 @@ pub struct Queue {
     state: Mutex<QueueState>,
     /// Wakes the timer task when an earlier deadline appears.
     timer: Arc<Notify>,
+    /// Fed from a bridged backend by a queue mapping.
+    mapped: std::sync::atomic::AtomicBool,
     /// The durable queue's directory number and log; `None` for transient queues.
     store_id: Option<u64>,
     log: Option<Arc<QueueLog>>,
@@ -270,6 +272,7 @@ impl Queue {
             options,
             args,
             timer: Arc::new(Notify::new()),
+            mapped: std::sync::atomic::AtomicBool::new(false),
             store_id,
             log,
             memory_messages,
@@ -349,6 +352,14 @@ impl Queue {
         (ready, st.consumers.len() as u32)
     }
 
+    pub(crate) fn set_mapped(&self) {
+        self.mapped.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        self.mapped.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn is_durable(&self) -> bool {
         self.log.is_some()
     }
@@ -419,6 +430,13 @@ impl Queue {
                     dead.push((queued, DeathReason::Maxlen));
                 }
                 PublishOutcome::Rejected
+            } else if expires_at.is_some_and(|t| t <= now)
+                && !(st.ready.is_empty() && st.paged.count == 0 && !st.consumers.is_empty())
+            {
+                // TTL 0 and no consumer waiting for it: expired on arrival. RabbitMQ drops it
+                // at publish, so it is never counted (nor logged).
+                dead.push((queued, DeathReason::Expired));
+                PublishOutcome::Accepted
             } else {
                 let page_out = self.should_page(&st);
                 let persistent = self.log.is_some() && queued.message.is_persistent();
@@ -449,7 +467,12 @@ impl Queue {
                     self.dispatch_locked(&mut st, &mut dead, now);
                 } else if st.ready.is_empty() && st.paged.count == 0 && !st.consumers.is_empty() {
                     if let Some(back) = self.offer_to_consumers(&mut st, queued) {
-                        self.enqueue(&mut st, back);
+                        if back.expires_at.is_some_and(|t| t <= now) {
+                            // TTL 0 and no consumer could take it now.
+                            dead.push((back, DeathReason::Expired));
+                        } else {
+                            self.enqueue(&mut st, back);
+                        }
                     }
                 } else {
                     self.enqueue(&mut st, queued);

@@ -430,7 +430,9 @@ impl VHost {
             let existing = existing.clone();
             drop(queues);
             self.check_exclusive(&existing, owner)?;
-            self.check_queue_equivalent(&existing, &options)?;
+            if !existing.is_mapped() {
+                self.check_queue_equivalent(&existing, &options)?;
+            }
             existing.touch();
             let (message_count, consumer_count) = existing.counts();
             return Ok(DeclaredQueue {
@@ -485,6 +487,22 @@ impl VHost {
             consumer_count: 0,
             created: true,
         })
+    }
+
+    /// The Warren side of a queue mapping: a queue fed from a bridged backend. Clients may
+    /// declare it with any flags; it is not theirs to shape.
+    pub fn declare_mapped_queue(&self, name: &str) -> Arc<Queue> {
+        let options = QueueOptions::default();
+        let queue = Queue::with_args(
+            name.into(),
+            self.name.clone(),
+            self.me.clone(),
+            options,
+            super::QueueArgs::default(),
+        );
+        queue.set_mapped();
+        self.queues.write().insert(name.into(), queue.clone());
+        queue
     }
 
     /// The pseudo-queue behind direct reply-to: `amq.rabbitmq.reply-to.<random>`, exclusive to
@@ -772,10 +790,14 @@ impl VHost {
         let before = out.len();
         let mut next = Vec::new();
         exchange.route(routing_key, headers, out, &mut next);
+        // As in RabbitMQ, the alternate exchange is for a message this exchange's own bindings
+        // match nothing for; one that reaches a bound exchange (even one that routes it
+        // nowhere) is not handed to it.
+        let matched = out.len() != before || !next.is_empty();
         for ex in next {
             self.route_through(&ex, routing_key, headers, out, visited);
         }
-        if out.len() == before {
+        if !matched {
             if let Some(alt) = exchange.alternate.as_ref() {
                 if let Ok(alt) = self.exchange(alt.as_str()) {
                     self.route_through(&alt, routing_key, headers, out, visited);

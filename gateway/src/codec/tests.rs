@@ -608,7 +608,8 @@ fn fail(what: impl std::fmt::Debug) -> TestCaseError {
 fn method_round_trip(channel: u16, method: &AMQPClass) -> Result<(), TestCaseError> {
     let encoded = encode_method(channel, method);
     let len = encoded.len();
-    prop_assert!(len >= FRAME_HEADER_LEN + 4 + 1, "frame of {} bytes", len);
+    // Header, class and method ids, end octet.
+    prop_assert!(len >= FRAME_HEADER_LEN + 5, "frame of {} bytes", len);
     prop_assert_eq!(encoded[0], FRAME_METHOD);
     prop_assert_eq!(u16::from_be_bytes([encoded[1], encoded[2]]), channel);
     let size = u32::from_be_bytes([encoded[3], encoded[4], encoded[5], encoded[6]]) as usize;
