@@ -13,13 +13,22 @@ mod tokio_stream_shim {
 #[tokio::test]
 async fn publish_consume_ack_with_confirms() {
     let server = warren_tests::start_server();
-    let conn = Connection::connect(&warren_tests::amqp_url(&server), ConnectionProperties::default())
-        .await
-        .expect("connect");
+    let conn = Connection::connect(
+        &warren_tests::amqp_url(&server),
+        ConnectionProperties::default(),
+    )
+    .await
+    .expect("connect");
     let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     let q = ch
-        .queue_declare("smoke".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .queue_declare(
+            "smoke".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     assert_eq!(q.name().as_str(), "smoke");
@@ -39,7 +48,12 @@ async fn publish_consume_ack_with_confirms() {
         assert!(confirm.is_ack());
     }
     let mut consumer = ch
-        .basic_consume("smoke".into(), "c1".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            "smoke".into(),
+            "c1".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     for i in 0..10 {
