@@ -780,8 +780,7 @@ impl Channel {
             .confirms
             .as_ref()
             .map(|t| -> Guard { t.pending(self.publish_seq) });
-        self.route_message(ctx, inbound.exchange.as_ref(), message, inbound.mandatory, guard);
-        Ok(())
+        self.route_message(ctx, inbound.exchange.as_ref(), message, inbound.mandatory, guard)
     }
 
     /// Routes a complete message to its queues and returns it if unroutable and mandatory.
@@ -794,12 +793,24 @@ impl Channel {
         message: Arc<Message>,
         mandatory: bool,
         guard: Option<Guard>,
-    ) {
+    ) -> Result<(), Exception> {
         let route = ctx.plan.find(
             message.exchange.as_str(),
             message.routing_key.as_str(),
             message.headers(),
         );
+        if route.is_none() && exchange.is_none() {
+            // Accepted only for the routes that name this exchange; this key matched none.
+            return Err(Exception::channel(
+                code::NOT_FOUND,
+                format!(
+                    "no exchange '{}' in vhost '{}'",
+                    message.exchange,
+                    ctx.vhost.name()
+                ),
+            )
+            .on(60, 40));
+        }
         let mut routed_to_backend = false;
         if let Some(route) = route {
             // The backend holds the guard until the target has the message; a publisher
@@ -810,7 +821,7 @@ impl Channel {
                 .publish(&route.destination, message.clone(), hold);
             routed_to_backend = true;
             if route.mode == RouteMode::Forward {
-                return;
+                return Ok(());
             }
         }
         let mut targets = std::mem::take(&mut self.route_buf);
@@ -857,6 +868,7 @@ impl Channel {
                 g.failed("a queue refused the message (x-overflow)");
             }
         }
+        Ok(())
     }
 
     fn tx_method(&mut self, ctx: &ConnContext, m: tx::AMQPMethod) -> Result<(), Exception> {
@@ -891,7 +903,7 @@ impl Channel {
                         message,
                         mandatory,
                         Some(commit.clone()),
-                    );
+                    )?;
                 }
                 for op in work.acks {
                     match op {
