@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// Everything the gateway needs to know before it accepts its first connection.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Settings {
     /// Addresses to listen on for AMQP 0.9.1. Empty means RabbitMQ's default: port 5672 on every
     /// IPv4 and IPv6 address.
@@ -19,18 +19,6 @@ pub struct Settings {
     pub product: ProductInfo,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            listen: Vec::new(),
-            data_dir: None,
-            storage: Storage::default(),
-            default_user: DefaultUser::default(),
-            limits: Limits::default(),
-            product: ProductInfo::default(),
-        }
-    }
-}
 
 /// How the message store uses the disk and memory.
 #[derive(Clone, Debug)]

@@ -657,7 +657,7 @@ impl Channel {
         ctx: &ConnContext,
         header: ContentHeader,
     ) -> Result<(), Exception> {
-        if !self.inbound.as_ref().is_some_and(|i| i.header.is_none()) {
+        if self.inbound.as_ref().is_none_or(|i| i.header.is_some()) {
             return Err(Exception::connection(
                 code::UNEXPECTED_FRAME,
                 "content header frame without basic.publish",

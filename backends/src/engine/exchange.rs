@@ -335,11 +335,10 @@ impl Exchange {
         if internal != self.internal {
             return differ("internal", bool_str(internal), bool_str(self.internal));
         }
-        for key in ["alternate-exchange"] {
-            let (a, b) = (arguments.inner().get(key), self.arguments.inner().get(key));
-            if a != b {
-                return differ(key, &format!("{a:?}"), &format!("{b:?}"));
-            }
+        let key = "alternate-exchange";
+        let (a, b) = (arguments.inner().get(key), self.arguments.inner().get(key));
+        if a != b {
+            return differ(key, &format!("{a:?}"), &format!("{b:?}"));
         }
         Ok(())
     }

@@ -293,7 +293,7 @@ impl Queue {
         st.next_seq = recovered.next_seq;
         let restored = recovered.messages.len();
         for stored in recovered.messages {
-            let msg = self.from_stored(stored, true);
+            let msg = self.restore_stored(stored, true);
             self.enqueue(st, msg);
         }
         st.paged = Paged {
@@ -308,7 +308,7 @@ impl Queue {
         }
     }
 
-    fn from_stored(&self, stored: StoredMessage, redelivered: bool) -> QueuedMessage {
+    fn restore_stored(&self, stored: StoredMessage, redelivered: bool) -> QueuedMessage {
         let expires_at = (stored.expires_at_ms != 0).then(|| from_unix_ms(stored.expires_at_ms));
         let seq = stored.seq;
         QueuedMessage {
@@ -547,7 +547,7 @@ impl Queue {
                     let redelivered = stored.seq < st.paged.redelivered_below;
                     st.paged.count = st.paged.count.saturating_sub(1);
                     st.paged.bytes = st.paged.bytes.saturating_sub(stored.body.len() as u64);
-                    let msg = self.from_stored(stored, redelivered);
+                    let msg = self.restore_stored(stored, redelivered);
                     self.enqueue(st, msg);
                 }
                 if st.paged.count == 0 {

@@ -148,7 +148,7 @@ fn match_at<'a, T>(node: &'a Node<T>, words: &[&str], found: &mut dyn FnMut(&'a 
         }
     }
     let Some((first, rest)) = words.split_first() else {
-        node.values.iter().for_each(|v| found(v));
+        node.values.iter().for_each(&mut *found);
         return;
     };
     if let Some(child) = node.words.get(*first) {
