@@ -935,6 +935,13 @@ impl Channel {
         Ok(())
     }
 
+    /// Publishes routed but not yet confirmed.
+    pub fn unconfirmed(&self) -> u64 {
+        self.confirms
+            .as_ref()
+            .map_or(0, |t| self.publish_seq.saturating_sub(t.answered()))
+    }
+
     /// Sends the confirms that settled since the last call, coalesced.
     pub fn flush_confirms(&self, outbox: &Outbox) -> bool {
         self.confirms.as_ref().is_some_and(|t| t.flush(outbox))

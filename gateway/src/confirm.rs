@@ -63,6 +63,11 @@ impl ConfirmTracker {
         }
     }
 
+    /// Every sequence number up to this one has been confirmed (or nacked) to the client.
+    pub fn answered(&self) -> u64 {
+        self.state.lock().answered
+    }
+
     /// Writes the confirms that can go out now; returns whether any did.
     pub fn flush(&self, outbox: &Outbox) -> bool {
         let mut frames: Vec<(u64, bool, bool)> = Vec::new();

@@ -32,6 +32,8 @@ use crate::routes::RoutingPlan;
 /// How long we wait for connection.close-ok after sending connection.close.
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
 const READ_CHUNK: usize = 64 * 1024;
+/// Publishes on one connection waiting for their sinks before we stop reading from it.
+const MAX_UNCONFIRMED: u64 = 20_000;
 
 /// What every connection shares.
 pub struct Shared {
@@ -141,6 +143,16 @@ pub async fn serve(
         outbox.wait_for_room().await;
         if outbox.is_closed() {
             break;
+        }
+        if conn.unconfirmed() > MAX_UNCONFIRMED {
+            // Sinks are slower than this publisher: stop reading until confirms catch up, so
+            // TCP pushes back instead of our memory growing.
+            let wake = conn.confirm_wake.clone();
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
         }
         let deadline = conn.read_deadline(handshake_deadline);
         buf.reserve(READ_CHUNK);
@@ -608,6 +620,10 @@ impl Connection {
                 locales: "en_US".into(),
             },
         )));
+    }
+
+    fn unconfirmed(&self) -> u64 {
+        self.channels.values().map(|c| c.unconfirmed()).sum()
     }
 
     fn flush_confirms(&mut self) {
