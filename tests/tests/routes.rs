@@ -74,36 +74,72 @@ async fn eventually(mut check: impl FnMut() -> bool) {
 async fn forward_route_sends_to_the_target_only_and_confirms() {
     let (target_vhost, backend) = target();
     let plan = RoutingPlan {
-        routes: vec![Route::new("demo", "orders.#", vec![], backend.clone(), "demo", RouteMode::Forward)],
+        routes: vec![Route::new(
+            "demo",
+            "orders.#",
+            vec![],
+            backend.clone(),
+            "demo",
+            RouteMode::Forward,
+        )],
         backends: vec![backend],
         ..Default::default()
     };
     let server = warren_tests::start_server_with_plan(plan);
     let (_conn, ch) = open(&server).await;
-    ch.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
     // The exchange `demo` does not exist in Warren: the route alone accepts the publish.
     for i in 0..5 {
         let confirm = within(
-            ch.basic_publish("demo".into(), "orders.eu.new".into(), BasicPublishOptions::default(), format!("m{i}").as_bytes(), BasicProperties::default().with_message_id("id".into()))
-                .await
-                .expect("publish"),
+            ch.basic_publish(
+                "demo".into(),
+                "orders.eu.new".into(),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                BasicProperties::default().with_message_id("id".into()),
+            )
+            .await
+            .expect("publish"),
         )
         .await
         .expect("confirm");
         assert!(confirm.is_ack());
     }
     assert_eq!(depth(&target_vhost, "demo-q"), 5);
-    let got = target_vhost.queue_by_name("demo-q").expect("q").get().expect("message").0;
+    let got = target_vhost
+        .queue_by_name("demo-q")
+        .expect("q")
+        .get()
+        .expect("message")
+        .0;
     assert_eq!(&got.message.body[..], b"m0");
     assert_eq!(got.message.routing_key.as_str(), "orders.eu.new");
-    assert_eq!(got.message.properties.message_id().as_ref().map(|s| s.as_str()), Some("id"));
+    assert_eq!(
+        got.message
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str()),
+        Some("id")
+    );
     // A key the route does not match, to an exchange Warren lacks: 404 as usual.
     let err = ch
-        .basic_publish("demo".into(), "other".into(), BasicPublishOptions::default(), b"x", BasicProperties::default())
+        .basic_publish(
+            "demo".into(),
+            "other".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
         .await
         .expect("sent")
         .await;
-    assert!(err.is_err() || !err.expect("confirm").is_ack(), "unmatched publish to a missing exchange is refused");
+    assert!(
+        err.is_err() || !err.expect("confirm").is_ack(),
+        "unmatched publish to a missing exchange is refused"
+    );
     server.shutdown().await;
 }
 
@@ -111,44 +147,93 @@ async fn forward_route_sends_to_the_target_only_and_confirms() {
 async fn mirror_route_delivers_to_both_and_unmatched_reject_nacks() {
     let (target_vhost, backend) = target();
     let plan = RoutingPlan {
-        routes: vec![Route::new("events", "#", vec![("region".into(), "eu".into())], backend.clone(), "demo", RouteMode::Mirror)],
+        routes: vec![Route::new(
+            "events",
+            "#",
+            vec![("region".into(), "eu".into())],
+            backend.clone(),
+            "demo",
+            RouteMode::Mirror,
+        )],
         reject_unmatched: true,
         backends: vec![backend],
         ..Default::default()
     };
     let server = warren_tests::start_server_with_plan(plan);
     let (_conn, ch) = open(&server).await;
-    ch.exchange_declare("events".into(), lapin::ExchangeKind::Fanout, ExchangeDeclareOptions::default(), FieldTable::default())
+    ch.exchange_declare(
+        "events".into(),
+        lapin::ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange");
+    ch.queue_declare(
+        "local".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue");
+    ch.queue_bind(
+        "local".into(),
+        "events".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
+    ch.confirm_select(ConfirmSelectOptions::default())
         .await
-        .expect("exchange");
-    ch.queue_declare("local".into(), QueueDeclareOptions::default(), FieldTable::default()).await.expect("queue");
-    ch.queue_bind("local".into(), "events".into(), "".into(), QueueBindOptions::default(), FieldTable::default())
-        .await
-        .expect("bind");
-    ch.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+        .expect("confirms");
     let mut eu = FieldTable::default();
-    eu.insert("region".into(), lapin::types::AMQPValue::LongString("eu".into()));
+    eu.insert(
+        "region".into(),
+        lapin::types::AMQPValue::LongString("eu".into()),
+    );
     let confirm = within(
-        ch.basic_publish("events".into(), "e1".into(), BasicPublishOptions::default(), b"both", BasicProperties::default().with_headers(eu))
-            .await
-            .expect("publish"),
+        ch.basic_publish(
+            "events".into(),
+            "e1".into(),
+            BasicPublishOptions::default(),
+            b"both",
+            BasicProperties::default().with_headers(eu),
+        )
+        .await
+        .expect("publish"),
     )
     .await
     .expect("confirm");
     assert!(confirm.is_ack());
     assert_eq!(depth(&target_vhost, "demo-q"), 1, "the target has it");
-    let local = ch.basic_get("local".into(), BasicGetOptions { no_ack: true }).await.expect("get").expect("local copy");
+    let local = ch
+        .basic_get("local".into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("get")
+        .expect("local copy");
     assert_eq!(local.delivery.data, b"both");
     // No route matches (header missing) and unmatched messages are refused: a nack.
     let confirm = within(
-        ch.basic_publish("events".into(), "e2".into(), BasicPublishOptions::default(), b"refused", BasicProperties::default())
-            .await
-            .expect("publish"),
+        ch.basic_publish(
+            "events".into(),
+            "e2".into(),
+            BasicPublishOptions::default(),
+            b"refused",
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish"),
     )
     .await
     .expect("confirm");
     assert!(confirm.is_nack(), "unmatched: reject nacks under confirms");
-    assert!(ch.basic_get("local".into(), BasicGetOptions { no_ack: true }).await.expect("get").is_none());
+    assert!(ch
+        .basic_get("local".into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("get")
+        .is_none());
     server.shutdown().await;
 }
 
@@ -177,27 +262,54 @@ async fn queue_mapping_consumes_through_and_settles_at_the_target() {
     let server = warren_tests::start_server_with_plan(plan);
     let (conn, ch) = open(&server).await;
     // Clients may declare the mapped queue however their code always did.
-    ch.queue_declare("demo-in".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
-        .await
-        .expect("declaring a mapped queue is accepted");
+    ch.queue_declare(
+        "demo-in".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declaring a mapped queue is accepted");
     let mut consumer = ch
-        .basic_consume("demo-in".into(), "c".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            "demo-in".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .expect("consume");
-    let first = within(consumer.next()).await.expect("delivery").expect("ok");
+    let first = within(consumer.next())
+        .await
+        .expect("delivery")
+        .expect("ok");
     assert_eq!(first.data, b"in0");
     first.ack(BasicAckOptions::default()).await.expect("ack");
-    let second = within(consumer.next()).await.expect("delivery").expect("ok");
+    let second = within(consumer.next())
+        .await
+        .expect("delivery")
+        .expect("ok");
     assert_eq!(second.data, b"in1");
     second
-        .nack(BasicNackOptions { requeue: true, ..Default::default() })
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
         .await
         .expect("nack");
     // in1 comes back (redelivered), then in2.
     let mut seen = Vec::new();
     for _ in 0..2 {
-        let d = within(consumer.next()).await.expect("delivery").expect("ok");
-        seen.push((String::from_utf8(d.data.clone()).expect("utf8"), d.redelivered));
+        let d = within(consumer.next())
+            .await
+            .expect("delivery")
+            .expect("ok");
+        seen.push((
+            String::from_utf8(d.data.clone()).expect("utf8"),
+            d.redelivered,
+        ));
         if d.data == b"in2" {
             d.ack(BasicAckOptions::default()).await.expect("ack");
         }
