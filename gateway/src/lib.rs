@@ -9,6 +9,7 @@ mod connection;
 mod consumer;
 pub mod error;
 mod outbox;
+pub mod plan;
 pub mod routes;
 pub mod server;
 
