@@ -1,4 +1,19 @@
 //! Typed settings for Warren. Plain data: built once at start-up, read by everything, changed by nothing.
+//!
+//! [`file`](mod@file) is the YAML configuration file's typed form (backends, routes, queue mappings);
+//! [`load`](mod@load) reads, substitutes and validates it, and turns it into [`Settings`].
+
+pub mod file;
+pub mod load;
+
+pub use file::{
+    BackendConfig, ConfigFile, QueueMappingConfig, RabbitmqBackend, RetryConfig, RouteConfig,
+    RouteMatch, RouteMode, Unmatched,
+};
+pub use load::{
+    load, load_with_env, parse, parse_with_env, routing_table, validate, ConfigError, Position,
+    DEFAULT_DATA_DIR,
+};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,7 +33,6 @@ pub struct Settings {
     pub limits: Limits,
     pub product: ProductInfo,
 }
-
 
 /// How the message store uses the disk and memory.
 #[derive(Clone, Debug)]
