@@ -94,6 +94,8 @@ impl BodyParts {
 struct CommitOk {
     channel: u16,
     outbox: Arc<Outbox>,
+    /// The commit failed (the channel is closing): no commit-ok.
+    cancelled: AtomicBool,
 }
 
 impl Completion for CommitOk {
@@ -108,6 +110,9 @@ impl Completion for CommitOk {
 
 impl Drop for CommitOk {
     fn drop(&mut self) {
+        if self.cancelled.load(Ordering::Acquire) {
+            return;
+        }
         let ok = AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {}));
         let id = self.channel;
         self.outbox.push(|enc, _| enc.method(id, &ok));
@@ -118,19 +123,15 @@ impl Drop for CommitOk {
 #[derive(Default)]
 struct Transaction {
     publishes: Vec<(Option<Arc<Exchange>>, Arc<Message>, bool)>,
+    /// Deliveries acknowledged or rejected in the transaction. As in RabbitMQ they leave the
+    /// channel's unacked list when the ack arrives (an unknown tag fails then), are settled on
+    /// commit, and go back to the unacked list on rollback.
     acks: Vec<TxAck>,
 }
 
 enum TxAck {
-    Ack {
-        tag: u64,
-        multiple: bool,
-    },
-    Reject {
-        tag: u64,
-        multiple: bool,
-        requeue: bool,
-    },
+    Ack(Vec<Unacked>),
+    Reject(Vec<Unacked>, bool),
 }
 
 struct ConsumerEntry {
@@ -892,34 +893,35 @@ impl Channel {
                 let work = std::mem::take(self.tx.as_mut().ok_or_else(not_transactional)?);
                 // commit-ok goes out when the commit guard's last holder (a durable queue's
                 // fsync) lets go.
-                let commit: Guard = Arc::new(CommitOk {
+                let commit = Arc::new(CommitOk {
                     channel: self.id(),
                     outbox: ctx.outbox.clone(),
+                    cancelled: AtomicBool::new(false),
                 });
                 for (exchange, message, mandatory) in work.publishes {
-                    self.route_message(
-                        ctx,
-                        exchange.as_ref(),
-                        message,
-                        mandatory,
-                        Some(commit.clone()),
-                    )?;
+                    let guard: Guard = commit.clone();
+                    if let Err(e) =
+                        self.route_message(ctx, exchange.as_ref(), message, mandatory, Some(guard))
+                    {
+                        commit.cancelled.store(true, Ordering::Release);
+                        // The acks of a failed commit go back to the unacked list, which the
+                        // closing channel requeues.
+                        self.restore_unacked(work.acks);
+                        return Err(e);
+                    }
                 }
                 for op in work.acks {
                     match op {
-                        TxAck::Ack { tag, multiple } => self.apply_ack(tag, multiple)?,
-                        TxAck::Reject {
-                            tag,
-                            multiple,
-                            requeue,
-                        } => self.apply_reject(tag, multiple, requeue)?,
+                        TxAck::Ack(acked) => self.settle_ack(acked),
+                        TxAck::Reject(rejected, requeue) => self.settle_reject(rejected, requeue),
                     }
                 }
                 drop(commit);
             }
             tx::AMQPMethod::Rollback(_) => {
                 let tx = self.tx.as_mut().ok_or_else(not_transactional)?;
-                *tx = Transaction::default();
+                let work = std::mem::take(tx);
+                self.restore_unacked(work.acks);
                 self.send(
                     ctx,
                     AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})),
@@ -948,43 +950,52 @@ impl Channel {
     }
 
     fn ack(&mut self, tag: u64, multiple: bool) -> Result<(), Exception> {
-        if let Some(tx) = self.tx.as_mut() {
-            tx.acks.push(TxAck::Ack { tag, multiple });
-            return Ok(());
-        }
-        self.apply_ack(tag, multiple)
-    }
-
-    fn apply_ack(&mut self, tag: u64, multiple: bool) -> Result<(), Exception> {
         let acked = self
             .shared
             .take_unacked(tag, multiple)
             .ok_or_else(|| unknown_tag(tag))?;
+        if let Some(tx) = self.tx.as_mut() {
+            tx.acks.push(TxAck::Ack(acked));
+            return Ok(());
+        }
+        self.settle_ack(acked);
+        Ok(())
+    }
+
+    fn settle_ack(&mut self, acked: Vec<Unacked>) {
         for u in &acked {
             u.release();
         }
         for_each_queue(acked, |queue, messages| queue.ack(messages));
         self.dispatch_consumed_queues();
-        Ok(())
     }
 
     fn reject(&mut self, tag: u64, multiple: bool, requeue: bool) -> Result<(), Exception> {
-        if let Some(tx) = self.tx.as_mut() {
-            tx.acks.push(TxAck::Reject {
-                tag,
-                multiple,
-                requeue,
-            });
-            return Ok(());
-        }
-        self.apply_reject(tag, multiple, requeue)
-    }
-
-    fn apply_reject(&mut self, tag: u64, multiple: bool, requeue: bool) -> Result<(), Exception> {
         let rejected = self
             .shared
             .take_unacked(tag, multiple)
             .ok_or_else(|| unknown_tag(tag))?;
+        if let Some(tx) = self.tx.as_mut() {
+            tx.acks.push(TxAck::Reject(rejected, requeue));
+            return Ok(());
+        }
+        self.settle_reject(rejected, requeue);
+        Ok(())
+    }
+
+    /// tx.rollback: deliveries acknowledged in the transaction are unacknowledged again.
+    fn restore_unacked(&self, acks: Vec<TxAck>) {
+        let mut st = self.shared.state.lock();
+        for op in acks {
+            let (TxAck::Ack(list) | TxAck::Reject(list, _)) = op;
+            for u in list {
+                let at = st.unacked.partition_point(|x| x.tag < u.tag);
+                st.unacked.insert(at, u);
+            }
+        }
+    }
+
+    fn settle_reject(&mut self, rejected: Vec<Unacked>, requeue: bool) {
         for u in &rejected {
             u.release();
         }
@@ -994,7 +1005,6 @@ impl Channel {
             for_each_queue(rejected, |queue, messages| queue.reject(messages));
         }
         self.dispatch_consumed_queues();
-        Ok(())
     }
 
     fn recover(&mut self, requeue: bool) -> Result<(), Exception> {
@@ -1181,6 +1191,10 @@ impl Channel {
         self.shared.state.lock().closed = true;
         for (_, entry) in self.consumers.drain() {
             detach(ctx, entry);
+        }
+        // Deliveries acknowledged in an uncommitted transaction were never acknowledged.
+        if let Some(tx) = self.tx.take() {
+            self.restore_unacked(tx.acks);
         }
         let all = self.shared.take_all_unacked();
         for u in &all {

@@ -159,22 +159,26 @@ pub fn dead_letter(
 }
 
 /// Whether dead-lettering a message into `target` would close a loop with no rejection in it;
-/// RabbitMQ drops such messages instead of cycling them forever.
+/// RabbitMQ drops such messages instead of cycling them forever. As in RabbitMQ, the loop is the
+/// x-death entries (most recent first) up to and including `target`'s: a rejection older than
+/// that does not make the loop legitimate, and an entry that is not a table (a client wrote it)
+/// means it is not fully automatic.
 pub fn is_cycle(msg: &Message, target: &str) -> bool {
     let Some(AMQPValue::FieldArray(deaths)) = msg.headers().and_then(|h| h.inner().get("x-death"))
     else {
         return false;
     };
-    let mut seen_target = false;
     for e in deaths.as_slice() {
-        if entry_field(e, "reason").and_then(as_text).as_deref() == Some("rejected") {
+        if !matches!(e, AMQPValue::FieldTable(_))
+            || entry_field(e, "reason").and_then(as_text).as_deref() == Some("rejected")
+        {
             return false;
         }
         if entry_field(e, "queue").and_then(as_text).as_deref() == Some(target) {
-            seen_target = true;
+            return true;
         }
     }
-    seen_target
+    false
 }
 
 #[cfg(test)]
@@ -304,5 +308,25 @@ mod tests {
         );
         assert!(is_cycle(&b, "a"));
         assert!(!is_cycle(&b, "c"));
+    }
+
+    #[test]
+    fn an_older_rejection_does_not_excuse_a_later_loop() {
+        // Rejected from "work", then expiring back and forth between "b" and "c".
+        let rejected = dead_letter(
+            &original(),
+            "work",
+            DeathReason::Rejected,
+            &"".into(),
+            None,
+            1,
+        );
+        let b = dead_letter(&rejected, "b", DeathReason::Expired, &"".into(), None, 2);
+        let c = dead_letter(&b, "c", DeathReason::Expired, &"".into(), None, 3);
+        assert!(is_cycle(&c, "b"), "c -> b loops with expiries only");
+        assert!(
+            !is_cycle(&c, "work"),
+            "the loop back to work includes the rejection"
+        );
     }
 }
