@@ -3,8 +3,10 @@
 #
 # Works on a fresh Debian/Ubuntu machine with only Rust installed: it creates a virtualenv
 # with pika at target/pyenv (installing Debian's python3-venv with apt-get if needed), exports
-# WARREN_PYTHON for the interop test, then runs every test target with cargo nextest when it
-# is installed (cargo test otherwise), plus doc tests if the workspace has any.
+# WARREN_PYTHON for the interop test, starts a private RabbitMQ node for the bridge tests
+# (scripts/rabbitmq.sh, exporting WARREN_TEST_RABBITMQ_URL), then runs every test target with
+# cargo nextest when it is installed (cargo test otherwise), plus doc tests if the workspace
+# has any.
 set -euo pipefail
 
 PIKA_VERSION=1.3.2
@@ -67,6 +69,14 @@ except PackageNotFoundError:
         "pika==$PIKA_VERSION"
 fi
 export WARREN_PYTHON="$VENV/bin/python"
+
+# --- RabbitMQ for the bridge tests -----------------------------------------------------------
+
+# A private node (its own ports and directories under target/rabbitmq/; installs Debian's
+# rabbitmq-server if missing), stopped again however this script exits.
+trap 'scripts/rabbitmq.sh stop >/dev/null 2>&1 || true' EXIT
+WARREN_TEST_RABBITMQ_URL=$(scripts/rabbitmq.sh start)
+export WARREN_TEST_RABBITMQ_URL
 
 # --- Rust tests ------------------------------------------------------------------------------
 

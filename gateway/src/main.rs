@@ -1,45 +1,103 @@
 //! The `warren` binary.
+//!
+//! `warren` runs the embedded broker; `warren --config FILE` adds the routes, bridged backends
+//! and queue mappings of a YAML file; `warren check --config FILE` validates a file and prints
+//! its effective routing table.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 use warren_config::Settings;
+use warren_gateway::plan::build_plan;
+use warren_gateway::routes::RoutingPlan;
 use warren_gateway::Server;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "warren",
-    version,
-    about = "Warren: an AMQP 0-9-1 broker and messaging gateway"
-)]
+#[command(name = "warren", version, about = "Warren: an AMQP 0-9-1 broker and messaging gateway")]
 struct Cli {
     /// Address to listen on (repeatable, or comma-separated in WARREN_LISTEN). Default: port 5672
     /// on every IPv4 and IPv6 address.
     #[arg(long, env = "WARREN_LISTEN", value_delimiter = ',')]
     listen: Vec<SocketAddr>,
     /// Directory for durable definitions and persistent messages.
-    #[arg(long, env = "WARREN_DATA_DIR", default_value = "warren-data")]
-    data_dir: PathBuf,
+    #[arg(long, env = "WARREN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// YAML configuration: backends, routes, queue mappings.
+    #[arg(long, env = "WARREN_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate a configuration file and print its effective routing table.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Check { config }) = &cli.command {
+        return match warren_config::load(config) {
+            Ok(cfg) => {
+                print!("{}", warren_config::routing_table(&cfg));
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let cli = Cli::parse();
-    let settings = Settings {
-        listen: cli.listen,
-        data_dir: Some(cli.data_dir),
-        ..Settings::default()
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("warren: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
     };
-    let server = Server::bind(settings).context("cannot start Warren")?;
+    match runtime.block_on(serve(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("warren: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(cli: Cli) -> anyhow::Result<()> {
+    let (mut settings, plan) = match &cli.config {
+        Some(path) => {
+            let cfg = warren_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let settings = cfg.settings().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let plan = build_plan(&cfg, warren_bridges::build).map_err(anyhow::Error::msg)?;
+            (settings, plan)
+        }
+        None => (Settings::default(), RoutingPlan::default()),
+    };
+    // Command-line and environment settings win over the file.
+    if !cli.listen.is_empty() {
+        settings.listen = cli.listen;
+    }
+    settings.data_dir = Some(
+        cli.data_dir
+            .or(settings.data_dir)
+            .unwrap_or_else(|| PathBuf::from(warren_config::DEFAULT_DATA_DIR)),
+    );
+    let server = Server::bind_with_plan(settings, plan).context("cannot start Warren")?;
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;

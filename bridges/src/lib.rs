@@ -1,0 +1,46 @@
+//! Warren's bridges: `Backend`s that forward published messages to another broker and feed
+//! Warren queues from it.
+//!
+//! [`build`] turns one configured backend (`backends:` in the configuration file) into a running
+//! `Arc<dyn Backend>`. Today there is one kind:
+//!
+//! - `rabbitmq` (cargo feature `rabbitmq`, on by default): an upstream AMQP 0-9-1 broker, see
+//!   [`rabbitmq`].
+
+use std::sync::Arc;
+
+use thiserror::Error;
+use warren_backends::Backend;
+use warren_config::file::BackendConfig;
+
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
+
+/// Why a backend could not be built. Only configuration problems: a target that is down at
+/// start is not an error, the bridge connects (and reconnects) on its own.
+#[derive(Debug, Error)]
+pub enum BridgeError {
+    #[error("backend '{backend}': invalid configuration: {reason}")]
+    Config { backend: String, reason: String },
+    #[error("backend '{backend}': type '{kind}' is not compiled in (cargo feature '{kind}')")]
+    Unsupported { backend: String, kind: &'static str },
+    #[error("backend '{backend}': bridges must be built inside a Tokio runtime")]
+    NoRuntime { backend: String },
+}
+
+/// Starts the bridge `config` describes, named `name` (for logs, health and errors). Must be
+/// called inside a Tokio runtime: the bridge spawns its connection task on it.
+pub fn build(name: &str, config: &BackendConfig) -> Result<Arc<dyn Backend>, BridgeError> {
+    match config {
+        #[cfg(feature = "rabbitmq")]
+        BackendConfig::Rabbitmq(cfg) => {
+            let bridge = rabbitmq::RabbitmqBridge::start(name, cfg)?;
+            Ok(bridge)
+        }
+        #[cfg(not(feature = "rabbitmq"))]
+        other => Err(BridgeError::Unsupported {
+            backend: name.to_string(),
+            kind: other.kind(),
+        }),
+    }
+}
