@@ -75,20 +75,43 @@ async fn example_config_carries_messages_both_ways_with_confirms() {
     let (_rconn, rch) = open(&rabbit_url()).await;
     // RabbitMQ's side of the example: topic exchange `demo`, queue `demo-in`; and a queue of
     // ours bound to `demo` to see what arrives.
-    rch.exchange_declare("demo".into(), ExchangeKind::Topic, ExchangeDeclareOptions::default(), FieldTable::default())
+    rch.exchange_declare(
+        "demo".into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("demo exchange");
+    rch.queue_declare(
+        "demo-seen".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("demo-seen");
+    rch.queue_purge("demo-seen".into(), QueuePurgeOptions::default())
         .await
-        .expect("demo exchange");
-    rch.queue_declare("demo-seen".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .expect("purge");
+    rch.queue_bind(
+        "demo-seen".into(),
+        "demo".into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
+    rch.queue_declare(
+        "demo-in".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("demo-in");
+    rch.queue_purge("demo-in".into(), QueuePurgeOptions::default())
         .await
-        .expect("demo-seen");
-    rch.queue_purge("demo-seen".into(), QueuePurgeOptions::default()).await.expect("purge");
-    rch.queue_bind("demo-seen".into(), "demo".into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
-        .await
-        .expect("bind");
-    rch.queue_declare("demo-in".into(), QueueDeclareOptions::default(), FieldTable::default())
-        .await
-        .expect("demo-in");
-    rch.queue_purge("demo-in".into(), QueuePurgeOptions::default()).await.expect("purge");
+        .expect("purge");
 
     let example = std::fs::read_to_string(
         warren_tests::workspace_root().join("deploy/examples/rabbitmq-upstream.yaml"),
@@ -98,12 +121,25 @@ async fn example_config_carries_messages_both_ways_with_confirms() {
     let (_wconn, wch) = open(&warren_tests::amqp_url(&warren)).await;
 
     // Client → Warren exchange `demo` (any routing key) → RabbitMQ exchange `demo`.
-    wch.exchange_declare("demo".into(), ExchangeKind::Topic, ExchangeDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+    wch.exchange_declare(
+        "demo".into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("clients keep declaring their exchange");
+    wch.confirm_select(ConfirmSelectOptions::default())
         .await
-        .expect("clients keep declaring their exchange");
-    wch.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+        .expect("confirms");
     let mut headers = FieldTable::default();
-    headers.insert("tenant".into(), lapin::types::AMQPValue::LongString("acme".into()));
+    headers.insert(
+        "tenant".into(),
+        lapin::types::AMQPValue::LongString("acme".into()),
+    );
     for i in 0..20 {
         let props = BasicProperties::default()
             .with_content_type("text/plain".into())
@@ -111,9 +147,15 @@ async fn example_config_carries_messages_both_ways_with_confirms() {
             .with_headers(headers.clone())
             .with_delivery_mode(2);
         let confirm = within(
-            wch.basic_publish("demo".into(), format!("orders.{i}").into(), BasicPublishOptions::default(), format!("m{i}").as_bytes(), props)
-                .await
-                .expect("publish"),
+            wch.basic_publish(
+                "demo".into(),
+                format!("orders.{i}").into(),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                props,
+            )
+            .await
+            .expect("publish"),
         )
         .await
         .expect("confirm");
@@ -125,32 +167,68 @@ async fn example_config_carries_messages_both_ways_with_confirms() {
             .await
             .expect("get")
             .expect("a confirmed message is at RabbitMQ");
-        assert_eq!(m.delivery.properties.content_type().as_ref().map(|s| s.as_str()), Some("text/plain"));
         assert_eq!(
-            m.delivery.properties.headers().as_ref().and_then(|h| h.inner().get("tenant")).cloned(),
+            m.delivery
+                .properties
+                .content_type()
+                .as_ref()
+                .map(|s| s.as_str()),
+            Some("text/plain")
+        );
+        assert_eq!(
+            m.delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("tenant"))
+                .cloned(),
             Some(lapin::types::AMQPValue::LongString("acme".into()))
         );
-        got.push((m.delivery.routing_key.to_string(), String::from_utf8(m.delivery.data).expect("utf8")));
+        got.push((
+            m.delivery.routing_key.to_string(),
+            String::from_utf8(m.delivery.data).expect("utf8"),
+        ));
     }
     assert_eq!(got[0], ("orders.0".to_string(), "m0".to_string()));
     assert_eq!(got[19], ("orders.19".to_string(), "m19".to_string()));
 
     // RabbitMQ queue `demo-in` → Warren queue `demo-in` → client; settled at RabbitMQ on ack.
     for i in 0..5 {
-        rch.basic_publish("".into(), "demo-in".into(), BasicPublishOptions::default(), format!("in{i}").as_bytes(), BasicProperties::default().with_message_id(format!("id{i}").into()))
-            .await
-            .expect("publish to RabbitMQ");
-    }
-    wch.queue_declare("demo-in".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+        rch.basic_publish(
+            "".into(),
+            "demo-in".into(),
+            BasicPublishOptions::default(),
+            format!("in{i}").as_bytes(),
+            BasicProperties::default().with_message_id(format!("id{i}").into()),
+        )
         .await
-        .expect("clients keep declaring their queue");
+        .expect("publish to RabbitMQ");
+    }
+    wch.queue_declare(
+        "demo-in".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("clients keep declaring their queue");
     let mut consumer = wch
-        .basic_consume("demo-in".into(), "c".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            "demo-in".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .expect("consume");
     let mut bodies = Vec::new();
     for _ in 0..5 {
-        let d = within(consumer.next()).await.expect("delivery").expect("ok");
+        let d = within(consumer.next())
+            .await
+            .expect("delivery")
+            .expect("ok");
         bodies.push(String::from_utf8(d.data.clone()).expect("utf8"));
         d.ack(BasicAckOptions::default()).await.expect("ack");
     }
@@ -158,7 +236,14 @@ async fn example_config_carries_messages_both_ways_with_confirms() {
     within(async {
         loop {
             let q = rch
-                .queue_declare("demo-in".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+                .queue_declare(
+                    "demo-in".into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
                 .await
                 .expect("depth");
             // Acked at RabbitMQ: nothing ready and nothing unacked left there.
@@ -188,15 +273,36 @@ async fn upstream_restart_mid_stream_loses_no_confirmed_message() {
     let exchange = unique("x");
     let queue = unique("q");
     let (rconn, rch) = open(&rabbit_url()).await;
-    rch.exchange_declare(exchange.as_str().into(), ExchangeKind::Topic, ExchangeDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
-        .await
-        .expect("exchange");
-    rch.queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
-        .await
-        .expect("queue");
-    rch.queue_bind(queue.as_str().into(), exchange.as_str().into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
-        .await
-        .expect("bind");
+    rch.exchange_declare(
+        exchange.as_str().into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange");
+    rch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue");
+    rch.queue_bind(
+        queue.as_str().into(),
+        exchange.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
     drop(rch);
     let _ = rconn.close(200, "bye".into()).await;
 
@@ -205,7 +311,9 @@ async fn upstream_restart_mid_stream_loses_no_confirmed_message() {
     );
     let warren = start_warren(&yaml, "restart.yaml");
     let (_wconn, wch) = open(&warren_tests::amqp_url(&warren)).await;
-    wch.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+    wch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
 
     let total = 3_000u32;
     let mut pending = Vec::new();
@@ -213,7 +321,13 @@ async fn upstream_restart_mid_stream_loses_no_confirmed_message() {
     for i in 0..total {
         let props = BasicProperties::default().with_delivery_mode(2);
         let confirm = wch
-            .basic_publish("events".into(), "k".into(), BasicPublishOptions::default(), &i.to_be_bytes(), props)
+            .basic_publish(
+                "events".into(),
+                "k".into(),
+                BasicPublishOptions::default(),
+                &i.to_be_bytes(),
+                props,
+            )
             .await
             .expect("publish to Warren");
         pending.push((i, confirm));
@@ -245,19 +359,147 @@ async fn upstream_restart_mid_stream_loses_no_confirmed_message() {
     let (rconn, rch) = open(&rabbit_url()).await;
     let mut found = HashSet::new();
     let mut duplicates = 0;
-    while let Some(m) = rch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }).await.expect("get") {
+    while let Some(m) = rch
+        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("get")
+    {
         let mut b = [0u8; 4];
         b.copy_from_slice(&m.delivery.data);
         if !found.insert(u32::from_be_bytes(b)) {
             duplicates += 1;
         }
     }
-    let lost: Vec<u32> = confirmed.iter().filter(|i| !found.contains(i)).copied().collect();
-    println!("sent {total}, confirmed {}, nacked/unanswered {nacked}, found {}, duplicates {duplicates}", confirmed.len(), found.len());
-    assert!(lost.is_empty(), "{} confirmed messages lost: {:?}", lost.len(), &lost[..lost.len().min(10)]);
-    assert_eq!(confirmed.len() as u32, total, "with unlimited retries every publish is eventually confirmed");
-    let _ = rch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
-    let _ = rch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+    let lost: Vec<u32> = confirmed
+        .iter()
+        .filter(|i| !found.contains(i))
+        .copied()
+        .collect();
+    println!(
+        "sent {total}, confirmed {}, nacked/unanswered {nacked}, found {}, duplicates {duplicates}",
+        confirmed.len(),
+        found.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "{} confirmed messages lost: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert_eq!(
+        confirmed.len() as u32,
+        total,
+        "with unlimited retries every publish is eventually confirmed"
+    );
+    let _ = rch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = rch
+        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await;
     let _ = rconn.close(200, "bye".into()).await;
+    warren.shutdown().await;
+}
+
+/// Mirror mode: the embedded engine and RabbitMQ both get the message; the confirm waits for
+/// both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_route_keeps_a_local_copy_and_forwards_upstream() {
+    let _lock = broker_lock(false);
+    let exchange = unique("mx");
+    let queue = unique("mq");
+    let (_rconn, rch) = open(&rabbit_url()).await;
+    rch.exchange_declare(
+        exchange.as_str().into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange");
+    rch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue");
+    rch.queue_bind(
+        queue.as_str().into(),
+        exchange.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
+    let yaml = format!(
+        "backends:\n  up: {{ type: rabbitmq, url: \"${{WARREN_TARGET_URL}}\" }}\nroutes:\n  - match: {{ exchange: audit, routing_key: \"#\" }}\n    backend: up\n    destination: {exchange}\n    mode: mirror\n"
+    );
+    let warren = start_warren(&yaml, "mirror.yaml");
+    let (_wconn, wch) = open(&warren_tests::amqp_url(&warren)).await;
+    wch.exchange_declare(
+        "audit".into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("local exchange");
+    wch.queue_declare(
+        "audit-local".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("local queue");
+    wch.queue_bind(
+        "audit-local".into(),
+        "audit".into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
+    wch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    for i in 0..10 {
+        let confirm = within(
+            wch.basic_publish(
+                "audit".into(),
+                "login".into(),
+                BasicPublishOptions::default(),
+                format!("a{i}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publish"),
+        )
+        .await
+        .expect("confirm");
+        assert!(confirm.is_ack());
+    }
+    for i in 0..10 {
+        let local = wch
+            .basic_get("audit-local".into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("get")
+            .expect("local copy");
+        assert_eq!(local.delivery.data, format!("a{i}").as_bytes());
+        let upstream = rch
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("get")
+            .expect("upstream copy, already there when the confirm came");
+        assert_eq!(upstream.delivery.data, format!("a{i}").as_bytes());
+    }
+    let _ = rch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = rch
+        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await;
     warren.shutdown().await;
 }
