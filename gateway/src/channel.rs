@@ -146,6 +146,9 @@ pub struct Channel {
     inbound: Option<Inbound>,
     confirm: bool,
     tx: Option<Transaction>,
+    /// A queue this channel published to whose consumers are behind: the connection pauses
+    /// reading until it drains (flow control).
+    pub flow_blocked: Option<Arc<Queue>>,
     /// The hidden queue of this channel's direct reply-to consumer.
     reply_queue: Option<Arc<Queue>>,
     publish_seq: u64,
@@ -192,6 +195,7 @@ impl Channel {
             confirm: false,
             tx: None,
             reply_queue: None,
+            flow_blocked: None,
             publish_seq: 0,
             confirms: None,
             consumer_prefetch: 0,
@@ -781,7 +785,13 @@ impl Channel {
             .confirms
             .as_ref()
             .map(|t| -> Guard { t.pending(self.publish_seq) });
-        self.route_message(ctx, inbound.exchange.as_ref(), message, inbound.mandatory, guard)
+        self.route_message(
+            ctx,
+            inbound.exchange.as_ref(),
+            message,
+            inbound.mandatory,
+            guard,
+        )
     }
 
     /// Routes a complete message to its queues and returns it if unroutable and mandatory.
@@ -816,7 +826,9 @@ impl Channel {
         if let Some(route) = route {
             // The backend holds the guard until the target has the message; a publisher
             // without confirms still gets the bridge's retries.
-            let hold = guard.clone().unwrap_or_else(warren_backends::backend::no_wait);
+            let hold = guard
+                .clone()
+                .unwrap_or_else(warren_backends::backend::no_wait);
             route
                 .backend
                 .publish(&route.destination, message.clone(), hold);
@@ -862,6 +874,9 @@ impl Channel {
         for queue in targets.drain(..) {
             rejected |=
                 queue.publish_with(message.clone(), guard.as_ref()) == PublishOutcome::Rejected;
+            if queue.is_backlogged() {
+                self.flow_blocked = Some(queue);
+            }
         }
         self.route_buf = targets;
         if rejected {

@@ -32,6 +32,8 @@ use crate::routes::RoutingPlan;
 /// How long we wait for connection.close-ok after sending connection.close.
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
 const READ_CHUNK: usize = 64 * 1024;
+/// Longest pause of a publisher whose queue's consumers are behind.
+const FLOW_PAUSE: Duration = Duration::from_millis(5);
 /// Publishes on one connection waiting for their sinks before we stop reading from it.
 const MAX_UNCONFIRMED: u64 = 20_000;
 
@@ -143,6 +145,19 @@ pub async fn serve(
         outbox.wait_for_room().await;
         if outbox.is_closed() {
             break;
+        }
+        if let Some(queue) = conn
+            .channels
+            .values_mut()
+            .find_map(|c| c.flow_blocked.take())
+        {
+            // Flow control: a queue we publish to has consumers that fall behind. Give them
+            // the CPU until it drains, but never stall a publisher for long (a consumer that
+            // stopped acking must not stop publishing altogether).
+            let _ = tokio::time::timeout(FLOW_PAUSE, queue.backlog_drained()).await;
+            for c in conn.channels.values_mut() {
+                c.flow_blocked = None;
+            }
         }
         if conn.unconfirmed() > MAX_UNCONFIRMED {
             // Sinks are slower than this publisher: stop reading until confirms catch up, so

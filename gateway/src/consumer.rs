@@ -114,24 +114,28 @@ impl Consumer for AmqpConsumer {
 
     fn offer(&self, queue: &Arc<Queue>, message: QueuedMessage) -> Offer {
         let ch = &self.channel;
-        let mut st = ch.state.lock();
-        if st.closed || !st.flow_active || self.cancelled.load(Ordering::Acquire) {
+        // The cheap refusals first, on atomics: a publisher flooding a queue whose consumers
+        // are at their prefetch limit offers every message, and taking the channel's lock
+        // for each would starve the consumer's own acks and deliveries of that lock.
+        if self.cancelled.load(Ordering::Acquire) || ch.outbox.is_closed() {
             return Offer::Refused(message);
         }
-        if ch.outbox.is_closed() {
+        if !self.no_ack
+            && self.prefetch > 0
+            && self.unacked.load(Ordering::Acquire) >= self.prefetch
+        {
             return Offer::Refused(message);
         }
         if ch.outbox.is_full() {
             ch.outbox.block_queue(queue);
             return Offer::Refused(message);
         }
-        if !self.no_ack {
-            if self.prefetch > 0 && self.unacked.load(Ordering::Acquire) >= self.prefetch {
-                return Offer::Refused(message);
-            }
-            if st.global_prefetch > 0 && st.unacked.len() as u32 >= st.global_prefetch {
-                return Offer::Refused(message);
-            }
+        let mut st = ch.state.lock();
+        if st.closed || !st.flow_active {
+            return Offer::Refused(message);
+        }
+        if !self.no_ack && st.global_prefetch > 0 && st.unacked.len() as u32 >= st.global_prefetch {
+            return Offer::Refused(message);
         }
         st.next_tag += 1;
         let tag = st.next_tag;

@@ -105,7 +105,16 @@ pub struct Queue {
     /// Ready messages kept in memory before further ones page out to the log.
     memory_messages: usize,
     memory_bytes: usize,
+    /// Flow control: set while consumers are attached but the ready backlog keeps growing, so
+    /// publishers pause (as RabbitMQ's credit flow does) instead of starving the consumers.
+    backlog: std::sync::atomic::AtomicBool,
+    flow: Notify,
 }
+
+/// Ready messages above which a queue with consumers asks its publishers to slow down, and
+/// below which it lets them go again.
+const FLOW_HIGH: usize = 20_000;
+const FLOW_LOW: usize = 10_000;
 
 /// Messages of a durable queue that live only in its log until the in-memory part drains.
 #[derive(Debug, Default)]
@@ -277,6 +286,8 @@ impl Queue {
             log,
             memory_messages,
             memory_bytes,
+            backlog: std::sync::atomic::AtomicBool::new(false),
+            flow: Notify::new(),
         });
         {
             let mut st = queue.state.lock();
@@ -353,7 +364,8 @@ impl Queue {
     }
 
     pub(crate) fn set_mapped(&self) {
-        self.mapped.store(true, std::sync::atomic::Ordering::Release);
+        self.mapped
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     pub fn is_mapped(&self) -> bool {
@@ -582,7 +594,12 @@ impl Queue {
     }
 
     /// A message received from a bridged target through a queue mapping.
-    pub fn publish_remote(self: &Arc<Self>, message: Arc<Message>, redelivered: bool, remote: Arc<dyn Settle>) {
+    pub fn publish_remote(
+        self: &Arc<Self>,
+        message: Arc<Message>,
+        redelivered: bool,
+        remote: Arc<dyn Settle>,
+    ) {
         let mut dead = DeadLetters::new();
         {
             let mut st = self.state.lock();
@@ -670,12 +687,44 @@ impl Queue {
         self.discard(dead);
     }
 
+    /// Whether publishers to this queue should pause: consumers are attached and behind.
+    pub fn is_backlogged(&self) -> bool {
+        self.backlog.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Resolves when the backlog has drained (or the queue lost its consumers).
+    pub async fn backlog_drained(&self) {
+        let notified = self.flow.notified();
+        if !self.is_backlogged() {
+            return;
+        }
+        notified.await;
+    }
+
+    fn update_backlog(&self, st: &QueueState) {
+        use std::sync::atomic::Ordering;
+        let len = st.ready.len();
+        if self.backlog.load(Ordering::Relaxed) {
+            if len < FLOW_LOW || st.consumers.is_empty() || st.deleted {
+                self.backlog.store(false, Ordering::Relaxed);
+                self.flow.notify_waiters();
+            }
+        } else if len > FLOW_HIGH && !st.consumers.is_empty() {
+            self.backlog.store(true, Ordering::Relaxed);
+        }
+    }
+
     fn dispatch_locked(
         self: &Arc<Self>,
         st: &mut QueueState,
         dead: &mut DeadLetters,
         now: Instant,
     ) {
+        self.dispatch_ready(st, dead, now);
+        self.update_backlog(st);
+    }
+
+    fn dispatch_ready(self: &Arc<Self>, st: &mut QueueState, dead: &mut DeadLetters, now: Instant) {
         if st.consumers.is_empty() {
             return;
         }
@@ -892,6 +941,7 @@ impl Queue {
                 // The next consumer in registration order takes over.
                 self.dispatch_locked(&mut st, &mut dead, Instant::now());
             }
+            self.update_backlog(&st);
             ConsumerRemoved {
                 removed,
                 auto_delete_now: removed
@@ -925,6 +975,9 @@ impl Queue {
         if let Some(log) = &self.log {
             log.destroy();
         }
+        self.backlog
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.flow.notify_waiters();
         self.timer.notify_one();
         for consumer in consumers {
             consumer.queue_deleted(self);
@@ -1156,6 +1209,33 @@ mod tests {
         q.dispatch();
         let got: Vec<_> = c.got.lock()[2..].to_vec();
         assert_eq!(got, vec![(0, true), (2, false), (3, false), (4, false)]);
+    }
+
+    #[tokio::test]
+    async fn flow_control_flags_a_backlog_behind_consumers_and_clears_it_when_drained() {
+        let q = queue_with(&[]);
+        for _ in 0..FLOW_HIGH + 10 {
+            q.publish(msg());
+        }
+        assert!(
+            !q.is_backlogged(),
+            "no consumers: publishers are never paused"
+        );
+        let c = Counting::new(0, 0);
+        q.add_consumer(c.clone()).unwrap();
+        q.publish(msg());
+        assert!(q.is_backlogged(), "consumers attached and far behind");
+        let drained = {
+            let q = q.clone();
+            tokio::spawn(async move { q.backlog_drained().await })
+        };
+        c.credit.store(FLOW_HIGH, Ordering::SeqCst);
+        q.dispatch();
+        assert!(!q.is_backlogged());
+        tokio::time::timeout(Duration::from_secs(1), drained)
+            .await
+            .expect("waiting publishers are released")
+            .unwrap();
     }
 
     #[test]
