@@ -1250,26 +1250,16 @@ fn for_each_queue(
 
 /// `x-priority` of basic.consume: any integer type, as RabbitMQ accepts.
 fn consumer_priority(arguments: &FieldTable) -> Result<i32, Exception> {
-    use amq_protocol::types::AMQPValue as V;
     let Some(value) = arguments.inner().get("x-priority") else {
         return Ok(0);
     };
-    let p: i64 = match value {
-        V::ShortShortInt(x) => *x as i64,
-        V::ShortShortUInt(x) => *x as i64,
-        V::ShortInt(x) => *x as i64,
-        V::ShortUInt(x) => *x as i64,
-        V::LongInt(x) => *x as i64,
-        V::LongUInt(x) => *x as i64,
-        V::LongLongInt(x) => *x,
-        other => {
-            return Err(Exception::channel(
-                code::PRECONDITION_FAILED,
-                format!("invalid arg 'x-priority' for consumer: {other:?} is not an integer"),
-            ))
-        }
-    };
-    Ok(p.clamp(i32::MIN as i64, i32::MAX as i64) as i32)
+    let p = warren_backends::engine::value::as_integer(value).ok_or_else(|| {
+        Exception::channel(
+            code::PRECONDITION_FAILED,
+            format!("invalid arg 'x-priority' for consumer: {value:?} is not an integer"),
+        )
+    })?;
+    Ok(p.clamp(i32::MIN as i128, i32::MAX as i128) as i32)
 }
 
 fn unknown_tag(tag: u64) -> Exception {

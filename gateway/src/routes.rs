@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use amq_protocol::types::{AMQPValue, FieldTable};
+use warren_backends::engine::value::as_integer;
 use warren_backends::engine::TopicTrie;
 use warren_backends::Backend;
 
@@ -64,22 +65,9 @@ fn header_equals(headers: Option<&FieldTable>, key: &str, expected: &str) -> boo
         Some(AMQPValue::LongString(s)) => s.as_bytes() == expected.as_bytes(),
         Some(AMQPValue::ShortString(s)) => s.as_str() == expected,
         Some(AMQPValue::Boolean(b)) => expected == if *b { "true" } else { "false" },
-        Some(other) => integer_text(other).is_some_and(|t| t == expected),
+        Some(other) => as_integer(other).is_some_and(|n| n.to_string() == expected),
         None => false,
     }
-}
-
-fn integer_text(v: &AMQPValue) -> Option<String> {
-    Some(match v {
-        AMQPValue::ShortShortInt(x) => x.to_string(),
-        AMQPValue::ShortShortUInt(x) => x.to_string(),
-        AMQPValue::ShortInt(x) => x.to_string(),
-        AMQPValue::ShortUInt(x) => x.to_string(),
-        AMQPValue::LongInt(x) => x.to_string(),
-        AMQPValue::LongUInt(x) => x.to_string(),
-        AMQPValue::LongLongInt(x) => x.to_string(),
-        _ => return None,
-    })
 }
 
 /// A Warren queue fed from a backend's source.

@@ -2,6 +2,7 @@
 
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 
+use super::value::{as_integer, as_text};
 use super::EngineError;
 
 /// What a queue does when it is full.
@@ -29,27 +30,7 @@ pub struct QueueArgs {
     pub single_active_consumer: bool,
 }
 
-fn integer(v: &AMQPValue) -> Option<i128> {
-    Some(match v {
-        AMQPValue::ShortShortInt(x) => *x as i128,
-        AMQPValue::ShortShortUInt(x) => *x as i128,
-        AMQPValue::ShortInt(x) => *x as i128,
-        AMQPValue::ShortUInt(x) => *x as i128,
-        AMQPValue::LongInt(x) => *x as i128,
-        AMQPValue::LongUInt(x) => *x as i128,
-        AMQPValue::LongLongInt(x) => *x as i128,
-        AMQPValue::Timestamp(x) => *x as i128,
-        _ => return None,
-    })
-}
 
-fn text(v: &AMQPValue) -> Option<String> {
-    match v {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        _ => None,
-    }
-}
 
 fn type_name(v: &AMQPValue) -> &'static str {
     match v {
@@ -74,7 +55,7 @@ impl QueueArgs {
             ))
         };
         let non_negative = |key: &str, v: &AMQPValue| -> Result<u64, EngineError> {
-            let n = integer(v)
+            let n = as_integer(v)
                 .ok_or_else(|| invalid(key, format!("{{unacceptable_type,{}}}", type_name(v))))?;
             if n < 0 {
                 return Err(invalid(key, format!("{{value_negative,{n}}}")));
@@ -107,7 +88,7 @@ impl QueueArgs {
                     out.max_priority = p as u8;
                 }
                 "x-overflow" => {
-                    out.overflow = match text(value).as_deref() {
+                    out.overflow = match as_text(value).as_deref() {
                         Some("drop-head") => Overflow::DropHead,
                         Some("reject-publish") => Overflow::RejectPublish,
                         Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
@@ -120,7 +101,7 @@ impl QueueArgs {
                     }
                 }
                 "x-dead-letter-exchange" => {
-                    let name = text(value).ok_or_else(|| {
+                    let name = as_text(value).ok_or_else(|| {
                         invalid(
                             key.as_str(),
                             format!("{{unacceptable_type,{}}}", type_name(value)),
@@ -129,7 +110,7 @@ impl QueueArgs {
                     out.dead_letter_exchange = Some(name.into());
                 }
                 "x-dead-letter-routing-key" => {
-                    let rk = text(value).ok_or_else(|| {
+                    let rk = as_text(value).ok_or_else(|| {
                         invalid(
                             key.as_str(),
                             format!("{{unacceptable_type,{}}}", type_name(value)),

@@ -4,6 +4,7 @@
 use amq_protocol::protocol::basic::AMQPProperties;
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 
+use super::value::as_text;
 use crate::Message;
 
 /// Why a message left its queue for the dead-letter exchange.
@@ -28,13 +29,6 @@ fn long_str(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
-fn as_text(v: &AMQPValue) -> Option<String> {
-    match v {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        _ => None,
-    }
-}
 
 fn entry_field<'a>(entry: &'a AMQPValue, key: &str) -> Option<&'a AMQPValue> {
     match entry {

@@ -2,6 +2,8 @@
 
 use amq_protocol::types::{AMQPValue, FieldTable};
 
+use super::value::as_integer;
+
 /// How a headers binding combines its arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XMatch {
@@ -76,18 +78,6 @@ fn values_equal(a: &AMQPValue, b: &AMQPValue) -> bool {
     }
 }
 
-fn as_integer(v: &AMQPValue) -> Option<i128> {
-    Some(match v {
-        AMQPValue::ShortShortInt(x) => *x as i128,
-        AMQPValue::ShortShortUInt(x) => *x as i128,
-        AMQPValue::ShortInt(x) => *x as i128,
-        AMQPValue::ShortUInt(x) => *x as i128,
-        AMQPValue::LongInt(x) => *x as i128,
-        AMQPValue::LongUInt(x) => *x as i128,
-        AMQPValue::LongLongInt(x) => *x as i128,
-        _ => return None,
-    })
-}
 
 #[cfg(test)]
 mod tests {

@@ -13,6 +13,7 @@ mod headers;
 mod queue;
 mod ready;
 mod topic;
+pub mod value;
 mod vhost;
 
 pub use args::{Overflow, QueueArgs};

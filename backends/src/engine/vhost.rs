@@ -811,20 +811,8 @@ fn integers_equal(
     a: Option<&amq_protocol::types::AMQPValue>,
     b: Option<&amq_protocol::types::AMQPValue>,
 ) -> bool {
-    use amq_protocol::types::AMQPValue as V;
-    fn int(v: &V) -> Option<i128> {
-        Some(match v {
-            V::ShortShortInt(x) => *x as i128,
-            V::ShortShortUInt(x) => *x as i128,
-            V::ShortInt(x) => *x as i128,
-            V::ShortUInt(x) => *x as i128,
-            V::LongInt(x) => *x as i128,
-            V::LongUInt(x) => *x as i128,
-            V::LongLongInt(x) => *x as i128,
-            _ => return None,
-        })
-    }
-    match (a.and_then(int), b.and_then(int)) {
+    use super::value::as_integer;
+    match (a.and_then(as_integer), b.and_then(as_integer)) {
         (Some(x), Some(y)) => x == y,
         _ => false,
     }
