@@ -25,6 +25,13 @@ struct Cli {
     /// Directory for durable definitions and persistent messages.
     #[arg(long, env = "WARREN_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// The user clients log in as (default guest). As in RabbitMQ, only `guest` is limited to
+    /// loopback connections.
+    #[arg(long, env = "WARREN_DEFAULT_USER", default_value = "guest")]
+    default_user: String,
+    /// That user's password (default guest).
+    #[arg(long, env = "WARREN_DEFAULT_PASS", default_value = "guest", hide_env_values = true)]
+    default_pass: String,
     /// YAML configuration: backends, routes, queue mappings.
     #[arg(long, env = "WARREN_CONFIG")]
     config: Option<PathBuf>,
@@ -89,6 +96,11 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         None => (Settings::default(), RoutingPlan::default()),
     };
     // Command-line and environment settings win over the file.
+    settings.default_user = warren_config::DefaultUser {
+        loopback_only: cli.default_user == "guest",
+        username: cli.default_user,
+        password: cli.default_pass,
+    };
     if !cli.listen.is_empty() {
         settings.listen = cli.listen;
     }
