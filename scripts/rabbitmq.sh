@@ -101,8 +101,9 @@ prepare_dir() {
         od -An -tx1 -N20 /dev/urandom | tr -d ' \n' | tr 'a-f' 'A-F' >"$HOME/.erlang.cookie"
         chmod 400 "$HOME/.erlang.cookie"
     fi
-    # No plugins: the AMQP 0-9-1 listener is all the tests need.
-    echo '[].' >"$RABBITMQ_ENABLED_PLUGINS_FILE"
+    # One plugin: rabbitmq_amqp1_0 makes the AMQP listener speak AMQP 1.0 too (the amqp10
+    # bridge's tests); the 0-9-1 tests need none.
+    echo '[rabbitmq_amqp1_0].' >"$RABBITMQ_ENABLED_PLUGINS_FILE"
     # Keeps /etc/rabbitmq/rabbitmq-env.conf from applying to this node.
     : >"$RABBITMQ_CONF_ENV_FILE"
     cat >"$RABBITMQ_CONFIG_FILE" <<EOF
@@ -121,6 +122,8 @@ start() {
     prepare_dir
     if running; then
         log "RabbitMQ node $NODE is already running"
+        # A node started before the plugin was listed gets it now (a no-op when enabled).
+        "$(find_bin rabbitmq-plugins)" -n "$NODE" -q enable rabbitmq_amqp1_0 >/dev/null 2>&1 || true
         echo "$URL"
         return
     fi

@@ -4,8 +4,9 @@
 # Works on a fresh Debian/Ubuntu machine with only Rust installed: it creates a virtualenv
 # with pika at target/pyenv (installing Debian's python3-venv with apt-get if needed), exports
 # WARREN_PYTHON for the interop test, starts a private RabbitMQ node for the bridge tests
-# (scripts/rabbitmq.sh, exporting WARREN_TEST_RABBITMQ_URL), then runs every test target with
-# cargo nextest when it is installed (cargo test otherwise), plus doc tests if the workspace
+# (scripts/rabbitmq.sh, exporting WARREN_TEST_RABBITMQ_URL), a private Redis (scripts/redis.sh,
+# WARREN_TEST_REDIS_URL) and a private Mosquitto (scripts/mosquitto.sh, WARREN_TEST_MQTT_URL),
+# then runs every test target with cargo nextest when it is installed (cargo test otherwise), plus doc tests if the workspace
 # has any.
 set -euo pipefail
 
@@ -77,6 +78,24 @@ export WARREN_PYTHON="$VENV/bin/python"
 trap 'scripts/rabbitmq.sh stop >/dev/null 2>&1 || true' EXIT
 WARREN_TEST_RABBITMQ_URL=$(scripts/rabbitmq.sh start)
 export WARREN_TEST_RABBITMQ_URL
+
+# --- Redis for the Redis Streams bridge tests --------------------------------------------------
+
+# A private server on port 6389 (target/redis/; installs Debian's redis-server if missing),
+# stopped with the RabbitMQ node: the EXIT trap is extended, not replaced.
+exit_trap=$(trap -p EXIT | sed -E -e "s/^trap -- '(.*)' EXIT\$/\\1/" -e "s/'\\\\''/'/g")
+trap "${exit_trap:+$exit_trap; }scripts/redis.sh stop >/dev/null 2>&1 || true" EXIT
+WARREN_TEST_REDIS_URL=$(scripts/redis.sh start)
+export WARREN_TEST_REDIS_URL
+
+# --- Mosquitto for the MQTT bridge tests -------------------------------------------------------
+
+# A private broker on port 1889 (target/mosquitto/; installs Debian's mosquitto if missing),
+# stopped with the others: the EXIT trap is extended again.
+exit_trap=$(trap -p EXIT | sed -E -e "s/^trap -- '(.*)' EXIT\$/\\1/" -e "s/'\\\\''/'/g")
+trap "${exit_trap:+$exit_trap; }scripts/mosquitto.sh stop >/dev/null 2>&1 || true" EXIT
+WARREN_TEST_MQTT_URL=$(scripts/mosquitto.sh start)
+export WARREN_TEST_MQTT_URL
 
 # --- Rust tests ------------------------------------------------------------------------------
 

@@ -25,7 +25,10 @@ pub enum BackendError {
         reason: String,
     },
     #[error("{backend}: destination '{destination}' does not exist")]
-    NotFound { backend: String, destination: String },
+    NotFound {
+        backend: String,
+        destination: String,
+    },
     #[error("{backend}: {reason}")]
     Rejected { backend: String, reason: String },
     #[error("{backend} is closed")]

@@ -7,9 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use crate::backend::{
-    Backend, BackendError, Health, Incoming, Settle, Settlement, Subscription,
-};
+use crate::backend::{Backend, BackendError, Health, Incoming, Settle, Settlement, Subscription};
 use crate::engine::{Consumer, Offer, PublishOutcome, Queue, QueuedMessage, VHost};
 use crate::store::Guard;
 use crate::Message;
@@ -95,14 +93,15 @@ impl Backend for EmbeddedBackend {
     async fn declare(&self, destination: &str) -> Result<(), BackendError> {
         match self.vhost.queue_by_name(destination) {
             Some(_) => Ok(()),
-            None => self
-                .vhost
-                .exchange(destination)
-                .map(|_| ())
-                .map_err(|_| BackendError::NotFound {
-                    backend: self.name.clone(),
-                    destination: destination.to_string(),
-                }),
+            None => {
+                self.vhost
+                    .exchange(destination)
+                    .map(|_| ())
+                    .map_err(|_| BackendError::NotFound {
+                        backend: self.name.clone(),
+                        destination: destination.to_string(),
+                    })
+            }
         }
     }
 

@@ -6,6 +6,10 @@
 //!
 //! - `rabbitmq` (cargo feature `rabbitmq`, on by default): an upstream AMQP 0-9-1 broker, see
 //!   [`rabbitmq`].
+//! - `amqp10` (cargo feature `amqp10`, on by default): an AMQP 1.0 peer (Azure Service Bus,
+//!   RabbitMQ's AMQP 1.0 plugin, Artemis), see [`amqp10`].
+//! - `redis` (cargo feature `redis`, on by default): Redis Streams, see [`redis`].
+//! - `mqtt` (cargo feature `mqtt`, on by default): an MQTT 5 broker, see [`mqtt`].
 
 use std::sync::Arc;
 
@@ -13,8 +17,14 @@ use thiserror::Error;
 use warren_backends::Backend;
 use warren_config::file::BackendConfig;
 
+#[cfg(feature = "amqp10")]
+pub mod amqp10;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 /// Why a backend could not be built. Only configuration problems: a target that is down at
 /// start is not an error, the bridge connects (and reconnects) on its own.
@@ -32,12 +42,27 @@ pub enum BridgeError {
 /// called inside a Tokio runtime: the bridge spawns its connection task on it.
 pub fn build(name: &str, config: &BackendConfig) -> Result<Arc<dyn Backend>, BridgeError> {
     match config {
+        #[cfg(feature = "amqp10")]
+        BackendConfig::Amqp10(cfg) => {
+            let bridge = amqp10::Amqp10Bridge::start(name, cfg)?;
+            Ok(bridge)
+        }
         #[cfg(feature = "rabbitmq")]
         BackendConfig::Rabbitmq(cfg) => {
             let bridge = rabbitmq::RabbitmqBridge::start(name, cfg)?;
             Ok(bridge)
         }
-        #[cfg(not(feature = "rabbitmq"))]
+        #[cfg(feature = "mqtt")]
+        BackendConfig::Mqtt(cfg) => {
+            let bridge = mqtt::MqttBridge::start(name, cfg)?;
+            Ok(bridge)
+        }
+        #[cfg(feature = "redis")]
+        BackendConfig::Redis(cfg) => {
+            let bridge = redis::RedisBridge::start(name, cfg)?;
+            Ok(bridge)
+        }
+        #[allow(unreachable_patterns)]
         other => Err(BridgeError::Unsupported {
             backend: name.to_string(),
             kind: other.kind(),

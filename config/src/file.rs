@@ -42,18 +42,30 @@ pub struct ConfigFile {
 pub enum BackendConfig {
     /// An upstream AMQP 0-9-1 broker (RabbitMQ).
     Rabbitmq(RabbitmqBackend),
+    /// An AMQP 1.0 peer (Azure Service Bus, RabbitMQ's AMQP 1.0 plugin, Artemis).
+    Amqp10(Amqp10Backend),
+    /// Redis Streams.
+    Redis(RedisBackend),
+    /// An MQTT broker (3.1.1 or 5).
+    Mqtt(MqttBackend),
 }
 
 impl BackendConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             BackendConfig::Rabbitmq(_) => "rabbitmq",
+            BackendConfig::Amqp10(_) => "amqp10",
+            BackendConfig::Redis(_) => "redis",
+            BackendConfig::Mqtt(_) => "mqtt",
         }
     }
 
     pub fn retry(&self) -> &RetryConfig {
         match self {
             BackendConfig::Rabbitmq(b) => &b.retry,
+            BackendConfig::Amqp10(b) => &b.retry,
+            BackendConfig::Redis(b) => &b.retry,
+            BackendConfig::Mqtt(b) => &b.retry,
         }
     }
 }
@@ -72,6 +84,144 @@ pub struct RabbitmqBackend {
 
 fn default_in_flight() -> usize {
     1000
+}
+
+/// An AMQP 1.0 peer. Exactly one of `url` and `connection_string` is set.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Amqp10Backend {
+    /// `amqp://[user:pass@]host[:port]` or `amqps://`: user and password → SASL PLAIN, none →
+    /// SASL ANONYMOUS.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// An Azure Service Bus connection string (`Endpoint=sb://...;SharedAccessKeyName=...;
+    /// SharedAccessKey=...`), authenticated with CBS and SAS tokens.
+    #[serde(default)]
+    pub connection_string: Option<String>,
+    /// Which peer this is, deciding the requeue/reject outcomes. Default: `servicebus` with a
+    /// connection string, `generic` with a URL.
+    #[serde(default)]
+    pub target: Option<Amqp10Target>,
+    /// Largest encoded message sent; a larger one fails at once. Default: 262144 (Service Bus
+    /// Standard) for `servicebus`, else only the peer's link limit.
+    #[serde(default)]
+    pub max_message_size: Option<u64>,
+    /// Transfers not yet settled by the peer, at most.
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight: usize,
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+impl Amqp10Backend {
+    pub fn effective_target(&self) -> Amqp10Target {
+        self.target.unwrap_or(if self.connection_string.is_some() {
+            Amqp10Target::Servicebus
+        } else {
+            Amqp10Target::Generic
+        })
+    }
+
+    pub fn effective_max_message_size(&self) -> Option<u64> {
+        self.max_message_size.or(match self.effective_target() {
+            Amqp10Target::Servicebus => Some(256 * 1024),
+            _ => None,
+        })
+    }
+}
+
+/// The AMQP 1.0 peer's flavour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Amqp10Target {
+    /// Requeue → `released`, reject → `rejected`.
+    Generic,
+    /// RabbitMQ's AMQP 1.0 plugin (refuses `modified`): as `generic`.
+    Rabbitmq,
+    /// Azure Service Bus: requeue → `modified(delivery-failed)` (counts towards
+    /// MaxDeliveryCount), reject → `rejected` with `com.microsoft:dead-letter` (dead-letter queue).
+    Servicebus,
+}
+
+/// A Redis server whose streams are the destinations and sources.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisBackend {
+    /// `redis://[user:pass@]host:port[/db]` (or `rediss://`).
+    pub url: String,
+    /// Approximate stream length cap: every XADD carries `MAXLEN ~ maxlen`. Default: no cap.
+    #[serde(default)]
+    pub maxlen: Option<u64>,
+    /// The consumer group queue mappings read through (created at the stream's start if missing).
+    #[serde(default = "default_redis_group")]
+    pub group: String,
+    /// This instance's consumer name inside the group; keep it fixed across restarts.
+    #[serde(default = "default_redis_consumer")]
+    pub consumer: String,
+    /// How long one XREADGROUP blocks waiting for entries.
+    #[serde(default = "default_block_ms")]
+    pub block_ms: u64,
+    /// Where entries go (XADD, then XACK) once rejected or delivered `max_deliveries` times.
+    /// Default: no dead-letter stream, a rejected entry is acknowledged and dropped.
+    #[serde(default)]
+    pub dead_letter_stream: Option<String>,
+    /// Deliveries after which an entry is dead-lettered instead of delivered again.
+    #[serde(default = "default_max_deliveries")]
+    pub max_deliveries: u32,
+    /// Pending entries idle this long (their consumer died, or they were requeued) are
+    /// reclaimed with XAUTOCLAIM and delivered again.
+    #[serde(default = "default_claim_idle_ms")]
+    pub claim_idle_ms: u64,
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+/// An MQTT broker: destinations and sources are topic roots.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttBackend {
+    /// `mqtt://host:port` (or `mqtts://`).
+    pub url: String,
+    /// `"5"` (default) or `"3.1.1"`.
+    #[serde(default = "default_mqtt_protocol")]
+    pub protocol: String,
+    /// The fixed client id of the bridge's persistent session.
+    pub client_id: String,
+    /// Prepended to every topic (e.g. `site-1/`). Default: none.
+    #[serde(default)]
+    pub topic_prefix: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Keep-alive interval in seconds.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_secs: u64,
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+fn default_mqtt_protocol() -> String {
+    "5".into()
+}
+fn default_keep_alive() -> u64 {
+    30
+}
+
+fn default_redis_group() -> String {
+    "warren".into()
+}
+fn default_redis_consumer() -> String {
+    "warren".into()
+}
+fn default_block_ms() -> u64 {
+    1000
+}
+fn default_max_deliveries() -> u32 {
+    10
+}
+fn default_claim_idle_ms() -> u64 {
+    30_000
 }
 
 /// How long a bridge keeps trying before it gives up on a message (basic.nack to the publisher).
@@ -186,6 +336,9 @@ pub enum Unmatched {
 #[serde(rename_all = "lowercase")]
 enum BackendKind {
     Rabbitmq,
+    Amqp10,
+    Redis,
+    Mqtt,
 }
 
 impl<'de> Deserialize<'de> for BackendConfig {
@@ -227,6 +380,9 @@ impl<'de> Visitor<'de> for BackendVisitor {
             BackendKind::Rabbitmq => {
                 RabbitmqBackend::deserialize(rest).map(BackendConfig::Rabbitmq)
             }
+            BackendKind::Amqp10 => Amqp10Backend::deserialize(rest).map(BackendConfig::Amqp10),
+            BackendKind::Redis => RedisBackend::deserialize(rest).map(BackendConfig::Redis),
+            BackendKind::Mqtt => MqttBackend::deserialize(rest).map(BackendConfig::Mqtt),
         }
     }
 }

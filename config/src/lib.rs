@@ -5,6 +5,7 @@
 
 pub mod file;
 pub mod load;
+pub mod servicebus;
 
 pub use file::{
     BackendConfig, ConfigFile, QueueMappingConfig, RabbitmqBackend, RetryConfig, RouteConfig,

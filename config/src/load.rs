@@ -502,6 +502,9 @@ fn check(cfg: &ConfigFile) -> Result<(), Problem> {
         }
         match backend {
             BackendConfig::Rabbitmq(b) => check_rabbitmq(b).map_err(|(k, m)| problem(at(&k), m))?,
+            BackendConfig::Amqp10(b) => check_amqp10(b).map_err(|(k, m)| problem(at(&k), m))?,
+            BackendConfig::Redis(b) => check_redis(b).map_err(|(k, m)| problem(at(&k), m))?,
+            BackendConfig::Mqtt(b) => check_mqtt(b).map_err(|(k, m)| problem(at(&k), m))?,
         }
         let retry = backend.retry();
         if retry.initial_backoff_ms > retry.max_backoff_ms {
@@ -574,11 +577,153 @@ fn check(cfg: &ConfigFile) -> Result<(), Problem> {
     Ok(())
 }
 
+/// An amqp10 backend's own checks: exactly one of `url` / `connection_string`, each valid.
+fn check_amqp10(b: &crate::file::Amqp10Backend) -> Result<(), (Vec<&'static str>, String)> {
+    match (&b.url, &b.connection_string) {
+        (Some(_), Some(_)) => {
+            return Err((
+                vec!["connection_string"],
+                "give either `url` or `connection_string`, not both".into(),
+            ))
+        }
+        (None, None) => {
+            return Err((
+                vec![],
+                "needs `url` (amqp://host:port) or `connection_string` (Service Bus)".into(),
+            ))
+        }
+        (Some(url), None) => {
+            let parsed =
+                url::Url::parse(url).map_err(|e| (vec!["url"], format!("not a valid URL: {e}")))?;
+            if !matches!(parsed.scheme(), "amqp" | "amqps") {
+                return Err((
+                    vec!["url"],
+                    format!(
+                        "the scheme is `{}`; expected `amqp://` or `amqps://`",
+                        parsed.scheme()
+                    ),
+                ));
+            }
+            if parsed.host_str().is_none_or(str::is_empty) {
+                return Err((
+                    vec!["url"],
+                    "the URL has no host (expected amqp://user:pass@host:port)".into(),
+                ));
+            }
+        }
+        (None, Some(cs)) => {
+            crate::servicebus::ConnectionString::parse(cs)
+                .map_err(|m| (vec!["connection_string"], m))?;
+        }
+    }
+    if b.max_in_flight == 0 {
+        return Err((vec!["max_in_flight"], "must be at least 1".into()));
+    }
+    if b.max_message_size == Some(0) {
+        return Err((vec!["max_message_size"], "must be at least 1".into()));
+    }
+    Ok(())
+}
+
 /// A rabbitmq backend's own checks: `(path below the backend, message)`.
 fn check_rabbitmq(b: &RabbitmqBackend) -> Result<(), (Vec<&'static str>, String)> {
     check_amqp_url(&b.url).map_err(|m| (vec!["url"], m))?;
     if b.max_in_flight == 0 {
         return Err((vec!["max_in_flight"], "must be at least 1".into()));
+    }
+    Ok(())
+}
+
+/// An mqtt backend's own checks: `(path below the backend, message)`.
+fn check_mqtt(b: &crate::file::MqttBackend) -> Result<(), (Vec<&'static str>, String)> {
+    let url =
+        url::Url::parse(&b.url).map_err(|e| (vec!["url"], format!("not a valid URL: {e}")))?;
+    if !matches!(url.scheme(), "mqtt" | "mqtts") {
+        return Err((
+            vec!["url"],
+            format!(
+                "the scheme is `{}`; expected `mqtt://` or `mqtts://`",
+                url.scheme()
+            ),
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err((
+            vec!["url"],
+            "the URL has no host (expected mqtt://host:port)".into(),
+        ));
+    }
+    if b.protocol == "3.1.1" {
+        return Err((
+            vec!["protocol"],
+            "MQTT 3.1.1 is not supported yet; use \"5\" (the default)".into(),
+        ));
+    }
+    if b.protocol != "5" {
+        return Err((
+            vec!["protocol"],
+            format!("`{}`; expected \"5\"", b.protocol),
+        ));
+    }
+    if b.client_id.is_empty() {
+        return Err((
+            vec!["client_id"],
+            "must not be empty (a fixed id keeps the session)".into(),
+        ));
+    }
+    if b.topic_prefix.contains(['+', '#']) {
+        return Err((
+            vec!["topic_prefix"],
+            "must not contain the wildcards `+` or `#`".into(),
+        ));
+    }
+    if b.password.is_some() && b.username.is_none() {
+        return Err((vec!["password"], "a password needs a username".into()));
+    }
+    if b.keep_alive_secs > u64::from(u16::MAX) {
+        return Err((vec!["keep_alive_secs"], "at most 65535".into()));
+    }
+    Ok(())
+}
+
+/// A redis backend's own checks: `(path below the backend, message)`.
+fn check_redis(b: &crate::file::RedisBackend) -> Result<(), (Vec<&'static str>, String)> {
+    let url =
+        url::Url::parse(&b.url).map_err(|e| (vec!["url"], format!("not a valid URL: {e}")))?;
+    if !matches!(url.scheme(), "redis" | "rediss") {
+        return Err((
+            vec!["url"],
+            format!(
+                "the scheme is `{}`; expected `redis://` or `rediss://`",
+                url.scheme()
+            ),
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err((
+            vec!["url"],
+            "the URL has no host (expected redis://host:port)".into(),
+        ));
+    }
+    if b.maxlen == Some(0) {
+        return Err((
+            vec!["maxlen"],
+            "must be at least 1 (leave it out for no cap)".into(),
+        ));
+    }
+    for (key, value) in [("group", &b.group), ("consumer", &b.consumer)] {
+        if value.is_empty() {
+            return Err((vec![key], "must not be empty".into()));
+        }
+    }
+    if b.dead_letter_stream.as_deref() == Some("") {
+        return Err((vec!["dead_letter_stream"], "must not be empty".into()));
+    }
+    if b.max_deliveries == 0 {
+        return Err((vec!["max_deliveries"], "must be at least 1".into()));
+    }
+    if b.claim_idle_ms == 0 {
+        return Err((vec!["claim_idle_ms"], "must be at least 1".into()));
     }
     Ok(())
 }
@@ -1047,11 +1192,17 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
     #[test]
     fn unknown_backend_type() {
         let text = "backends:\n  upstream:\n    type: kafka\n    url: amqp://h\n";
-        assert_eq!(
-            error(text, &[]),
-            "warren.yaml:3:11: backends.upstream.type: unknown variant `kafka`, \
-             expected `rabbitmq`"
+        // The list of expected kinds grows with the bridges; check its start and members.
+        let err = error(text, &[]);
+        assert!(
+            err.starts_with(
+                "warren.yaml:3:11: backends.upstream.type: unknown variant `kafka`, expected "
+            ),
+            "{err}"
         );
+        for kind in ["`rabbitmq`", "`redis`"] {
+            assert!(err.contains(kind), "{err}");
+        }
     }
 
     #[test]
@@ -1274,6 +1425,87 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
     }
 
     #[test]
+    fn mqtt_example() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/mqtt.yaml");
+        let cfg =
+            load_with_env(&path, env(&[("WARREN_TARGET_URL", "mqtt://broker:1883")])).unwrap();
+        assert_eq!(
+            cfg.backends["broker"],
+            BackendConfig::Mqtt(crate::file::MqttBackend {
+                url: "mqtt://broker:1883".into(),
+                protocol: "5".into(),
+                client_id: "warren-gateway".into(),
+                topic_prefix: String::new(),
+                username: None,
+                password: None,
+                keep_alive_secs: 30,
+                retry: RetryConfig::default(),
+            })
+        );
+        assert_eq!(cfg.routes[0].destination, "demo");
+        assert_eq!(cfg.routes[0].matcher.exchange, "demo");
+        assert_eq!(cfg.queues[0].name, "demo-in");
+        assert_eq!(cfg.queues[0].source, "demo-in");
+        cfg.settings().unwrap();
+
+        let bad = "backends:\n  m: {type: mqtt, url: \"tcp://h\", client_id: w}\n";
+        assert!(
+            error(bad, &[]).contains("expected `mqtt://` or `mqtts://`"),
+            "{}",
+            error(bad, &[])
+        );
+        let bad =
+            "backends:\n  m: {type: mqtt, url: \"mqtt://h\", client_id: w, protocol: \"4\"}\n";
+        assert!(error(bad, &[]).contains("protocol"), "{}", error(bad, &[]));
+        let bad = "backends:\n  m: {type: mqtt, url: \"mqtt://h\"}\n";
+        assert!(
+            error(bad, &[]).contains("missing field `client_id`"),
+            "{}",
+            error(bad, &[])
+        );
+    }
+
+    #[test]
+    fn redis_streams_example() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/redis-streams.yaml");
+        let cfg =
+            load_with_env(&path, env(&[("WARREN_TARGET_URL", "redis://cache:6379")])).unwrap();
+        assert_eq!(
+            cfg.backends["streams"],
+            BackendConfig::Redis(crate::file::RedisBackend {
+                url: "redis://cache:6379".into(),
+                maxlen: None,
+                group: "warren".into(),
+                consumer: "warren".into(),
+                block_ms: 1000,
+                dead_letter_stream: None,
+                max_deliveries: 10,
+                claim_idle_ms: 30_000,
+                retry: RetryConfig::default(),
+            })
+        );
+        assert_eq!(cfg.routes[0].destination, "demo");
+        assert_eq!(cfg.routes[0].matcher.exchange, "demo");
+        assert_eq!(cfg.queues[0].name, "demo-in");
+        assert_eq!(cfg.queues[0].source, "demo-in");
+        cfg.settings().unwrap();
+
+        let bad = "backends:\n  s: {type: redis, url: \"http://h\"}\n";
+        assert!(
+            error(bad, &[]).contains("expected `redis://` or `rediss://`"),
+            "{}",
+            error(bad, &[])
+        );
+        let bad = "backends:\n  s: {type: redis, url: \"redis://h\", max_deliveries: 0}\n";
+        assert!(
+            error(bad, &[]).contains("max_deliveries: must be at least 1"),
+            "{}",
+            error(bad, &[])
+        );
+    }
+
+    #[test]
     fn unreadable_file() {
         let err = load_with_env(Path::new("/nonexistent/warren.yaml"), env(&[])).unwrap_err();
         assert!(
@@ -1306,5 +1538,98 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
             "listen[0]: `localhost:5672` is not an IP address and port \
              (e.g. `0.0.0.0:5672` or `[::]:5672`)"
         );
+    }
+
+    #[test]
+    fn amqp10_examples() {
+        use crate::file::{Amqp10Backend, Amqp10Target};
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        let cfg = load_with_env(
+            &dir.join("amqp10.yaml"),
+            env(&[("WARREN_TARGET_URL", "amqp://guest:guest@artemis:5672")]),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.backends["target"],
+            BackendConfig::Amqp10(Amqp10Backend {
+                url: Some("amqp://guest:guest@artemis:5672".into()),
+                connection_string: None,
+                target: Some(Amqp10Target::Generic),
+                max_message_size: None,
+                max_in_flight: 1000,
+                retry: RetryConfig::default(),
+            })
+        );
+        assert_eq!(cfg.routes[0].destination, "demo");
+        assert_eq!(cfg.queues[0].source, "demo-in");
+        cfg.settings().unwrap();
+        let cfg = load_with_env(
+            &dir.join("amqp10.yaml"),
+            env(&[
+                ("WARREN_TARGET_URL", "amqp://h:5672"),
+                ("WARREN_TARGET_OUT", "/exchange/demo/k"),
+                ("WARREN_TARGET_IN", "/amq/queue/demo-in"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.routes[0].destination, "/exchange/demo/k");
+        assert_eq!(cfg.queues[0].source, "/amq/queue/demo-in");
+
+        let cs =
+            "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=Root;SharedAccessKey=k=";
+        let cfg = load_with_env(
+            &dir.join("azure-service-bus.yaml"),
+            env(&[("SERVICEBUS_CONNECTION_STRING", cs)]),
+        )
+        .unwrap();
+        let BackendConfig::Amqp10(b) = &cfg.backends["servicebus"] else {
+            panic!("{:?}", cfg.backends)
+        };
+        assert_eq!(b.connection_string.as_deref(), Some(cs));
+        assert_eq!(b.effective_target(), Amqp10Target::Servicebus);
+        assert_eq!(b.effective_max_message_size(), Some(262_144));
+        assert_eq!(cfg.routes[0].destination, "demo");
+        assert_eq!(cfg.queues[0].source, "demo-in");
+        cfg.settings().unwrap();
+        let err = load_with_env(&dir.join("azure-service-bus.yaml"), env(&[])).unwrap_err();
+        assert!(
+            err.message
+                .contains("`SERVICEBUS_CONNECTION_STRING` is not set"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn amqp10_validation() {
+        let both =
+            "backends:\n  b:\n    type: amqp10\n    url: amqp://h\n    connection_string: x\n";
+        assert!(
+            error(both, &[]).contains("not both"),
+            "{}",
+            error(both, &[])
+        );
+        let none = "backends:\n  b:\n    type: amqp10\n";
+        assert!(
+            error(none, &[]).contains("needs `url`"),
+            "{}",
+            error(none, &[])
+        );
+        let scheme = "backends:\n  b: {type: amqp10, url: \"http://h\"}\n";
+        assert!(
+            error(scheme, &[]).contains("expected `amqp://`"),
+            "{}",
+            error(scheme, &[])
+        );
+        let cs = "backends:\n  b: {type: amqp10, connection_string: \"Endpoint=sb://x/;SharedAccessKey=secret\"}\n";
+        let e = error(cs, &[]);
+        assert!(
+            e.contains("backends.b.connection_string") && e.contains("SharedAccessKeyName"),
+            "{e}"
+        );
+        assert!(!e.contains("secret"), "{e}");
+        let flavour = "backends:\n  b: {type: amqp10, url: \"amqp://h\", target: kafka}\n";
+        assert!(error(flavour, &[]).contains("unknown variant `kafka`"));
+        let ok = "backends:\n  b: {type: amqp10, url: \"amqps://u:p@h:5671\", target: rabbitmq, max_message_size: 1000}\n";
+        parse_env(ok, &[]).unwrap();
     }
 }

@@ -16,7 +16,11 @@ use warren_gateway::routes::RoutingPlan;
 use warren_gateway::Server;
 
 #[derive(Parser, Debug)]
-#[command(name = "warren", version, about = "Warren: an AMQP 0-9-1 broker and messaging gateway")]
+#[command(
+    name = "warren",
+    version,
+    about = "Warren: an AMQP 0-9-1 broker and messaging gateway"
+)]
 struct Cli {
     /// Address to listen on (repeatable, or comma-separated in WARREN_LISTEN). Default: port 5672
     /// on every IPv4 and IPv6 address.
@@ -30,7 +34,12 @@ struct Cli {
     #[arg(long, env = "WARREN_DEFAULT_USER", default_value = "guest")]
     default_user: String,
     /// That user's password (default guest).
-    #[arg(long, env = "WARREN_DEFAULT_PASS", default_value = "guest", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "WARREN_DEFAULT_PASS",
+        default_value = "guest",
+        hide_env_values = true
+    )]
     default_pass: String,
     /// YAML configuration: backends, routes, queue mappings.
     #[arg(long, env = "WARREN_CONFIG")]

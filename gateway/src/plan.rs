@@ -36,7 +36,10 @@ pub fn build_plan<E: std::fmt::Display>(
         plan.routes.push(Route::new(
             m.exchange.clone(),
             m.routing_key.clone(),
-            m.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            m.headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             lookup(&route.backend)?,
             route.destination.clone(),
             match route.mode {

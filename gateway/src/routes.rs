@@ -56,7 +56,10 @@ impl Route {
         }
         let mut hit = false;
         self.pattern.matches(routing_key, &mut |_| hit = true);
-        hit && self.headers.iter().all(|(k, v)| header_equals(headers, k, v))
+        hit && self
+            .headers
+            .iter()
+            .all(|(k, v)| header_equals(headers, k, v))
     }
 }
 

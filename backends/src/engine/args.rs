@@ -30,8 +30,6 @@ pub struct QueueArgs {
     pub single_active_consumer: bool,
 }
 
-
-
 fn type_name(v: &AMQPValue) -> &'static str {
     match v {
         AMQPValue::Boolean(_) => "bool",

@@ -29,7 +29,6 @@ fn long_str(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
-
 fn entry_field<'a>(entry: &'a AMQPValue, key: &str) -> Option<&'a AMQPValue> {
     match entry {
         AMQPValue::FieldTable(t) => t.inner().get(key),

@@ -78,7 +78,6 @@ fn values_equal(a: &AMQPValue, b: &AMQPValue) -> bool {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -525,7 +525,8 @@ mod tests {
         let (log, rec) = QueueLog::open(path.clone(), 256, syncer.clone(), 1000).unwrap();
         assert!(rec.messages.is_empty());
         for seq in 0..40 {
-            log.append_message(&stored(seq, seq % 5 != 0), false, None).unwrap();
+            log.append_message(&stored(seq, seq % 5 != 0), false, None)
+                .unwrap();
         }
         for seq in 0..10 {
             log.remove(seq, seq % 5 != 0);
@@ -535,7 +536,11 @@ mod tests {
         drop(log);
         let (_log, rec) = QueueLog::open(path.clone(), 256, syncer.clone(), 1000).unwrap();
         let expected: Vec<u64> = (10..40).filter(|s| s % 5 != 0).collect();
-        assert_eq!(seqs(&rec), expected, "acked and transient records do not come back");
+        assert_eq!(
+            seqs(&rec),
+            expected,
+            "acked and transient records do not come back"
+        );
         assert_eq!(rec.next_seq, 40);
         assert!(rec.damage.is_empty());
         assert!(
@@ -556,13 +561,22 @@ mod tests {
         }
         log.sync();
         drop(log);
-        let mut files: Vec<PathBuf> = fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut files: Vec<PathBuf> = fs::read_dir(&path)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         files.sort();
-        let victim = files.iter().find(|p| fs::metadata(p).unwrap().len() > 0).unwrap().clone();
+        let victim = files
+            .iter()
+            .find(|p| fs::metadata(p).unwrap().len() > 0)
+            .unwrap()
+            .clone();
         let mut bytes = fs::read(&victim).unwrap();
         let (records, _, _) = record::scan(&bytes);
         assert!(records.len() >= 3, "the segment holds several records");
-        let (offset, Record::Message(hit)) = records[1].clone() else { panic!("message expected") };
+        let (offset, Record::Message(hit)) = records[1].clone() else {
+            panic!("message expected")
+        };
         bytes[offset as usize + 20] ^= 0x5A;
         fs::write(&victim, &bytes).unwrap();
 
@@ -583,7 +597,8 @@ mod tests {
         let (log, _) = QueueLog::open(dir.path().join("q"), 200, syncer.clone(), 1000).unwrap();
         let first = log.append_message(&stored(0, false), true, None).unwrap();
         for seq in 1..50 {
-            log.append_message(&stored(seq, seq % 2 == 0), true, None).unwrap();
+            log.append_message(&stored(seq, seq % 2 == 0), true, None)
+                .unwrap();
         }
         let mut cursor = first;
         let mut got = Vec::new();

@@ -1,0 +1,843 @@
+//! The AMQP 1.0 bridge against a real AMQP 1.0 peer: RabbitMQ with its `rabbitmq_amqp1_0`
+//! plugin (enabled on the private test node by `scripts/rabbitmq.sh`).
+//!
+//! Needs `WARREN_TEST_RABBITMQ_URL` (`scripts/test.sh` exports it):
+//!
+//! ```sh
+//! scripts/rabbitmq.sh start
+//! WARREN_TEST_RABBITMQ_URL=$(scripts/rabbitmq.sh url) cargo test -p warren-bridges --test amqp10
+//! ```
+//!
+//! Every test fails (never skips) without it. Queues are declared with lapin (AMQP 1.0 has no
+//! declare); messages go out and come back through the bridge on both ends, since RabbitMQ's
+//! own 0-9-1 ↔ 1.0 conversion drops headers. The shared file lock of `tests/rabbitmq.rs` keeps
+//! these tests off the node while its restart test runs; the restart test here takes it
+//! exclusively.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lapin::options::*;
+use lapin::types::{AMQPValue, DecimalValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use warren_backends::store::Completion;
+use warren_backends::{Backend, Health, Incoming, Message, Settlement, Subscription};
+use warren_bridges::amqp10::Amqp10Bridge;
+use warren_config::file::{Amqp10Backend, Amqp10Target, RetryConfig};
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+fn url() -> String {
+    match std::env::var("WARREN_TEST_RABBITMQ_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "\n\nWARREN_TEST_RABBITMQ_URL is not set: these tests need a real RabbitMQ with the \
+             rabbitmq_amqp1_0 plugin.\nStart the private test node and point the tests at it:\n\n    \
+             scripts/rabbitmq.sh start\n    \
+             export WARREN_TEST_RABBITMQ_URL=$(scripts/rabbitmq.sh url)\n\n\
+             (scripts/test.sh does both.)\n"
+        ),
+    }
+}
+
+/// The AMQP 1.0 URL of the same listener: the 0-9-1 URL without its vhost.
+fn amqp10_url() -> String {
+    let u = url();
+    let rest = u.split_once("://").map(|(_, r)| r).unwrap_or(&u);
+    let authority = rest.split('/').next().unwrap();
+    format!("amqp://{authority}")
+}
+
+fn broker_lock(exclusive: bool) -> File {
+    let dir = repo_root().join("target/rabbitmq");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("tests.lock"))
+        .unwrap();
+    if exclusive {
+        file.lock().unwrap();
+    } else {
+        file.lock_shared().unwrap();
+    }
+    file
+}
+
+async fn connect() -> Connection {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
+        .with_test_writer()
+        .try_init();
+    let url = url();
+    match tokio::time::timeout(
+        Duration::from_secs(20),
+        Connection::connect(&url, ConnectionProperties::default()),
+    )
+    .await
+    {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => panic!("RabbitMQ at {url} is unreachable: {e}"),
+        Err(_) => panic!("RabbitMQ at {url} did not answer within 20s"),
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("warren.amqp10.{prefix}.{}.{nanos}", std::process::id())
+}
+
+fn config(max_in_flight: usize, retry: RetryConfig) -> Amqp10Backend {
+    Amqp10Backend {
+        url: Some(amqp10_url()),
+        connection_string: None,
+        target: Some(Amqp10Target::Rabbitmq),
+        max_message_size: None,
+        max_in_flight,
+        retry,
+    }
+}
+
+fn retry(max_attempts: u32, initial_backoff_ms: u64, max_backoff_ms: u64) -> RetryConfig {
+    RetryConfig {
+        max_attempts,
+        initial_backoff_ms,
+        max_backoff_ms,
+    }
+}
+
+async fn declare(ch: &lapin::Channel, queue: &str, args: FieldTable) {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+}
+
+async fn depth(ch: &lapin::Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
+#[derive(Default)]
+struct Outcomes {
+    confirmed: Mutex<Vec<usize>>,
+    failed: Mutex<Vec<(usize, String)>>,
+    done: AtomicUsize,
+}
+
+struct TestGuard {
+    id: usize,
+    failed: AtomicBool,
+    outcomes: Arc<Outcomes>,
+}
+
+impl Completion for TestGuard {
+    fn failed(&self, reason: &str) {
+        self.failed.store(true, Ordering::SeqCst);
+        self.outcomes
+            .failed
+            .lock()
+            .unwrap()
+            .push((self.id, reason.to_string()));
+    }
+}
+
+impl Drop for TestGuard {
+    fn drop(&mut self) {
+        if !self.failed.load(Ordering::SeqCst) {
+            self.outcomes.confirmed.lock().unwrap().push(self.id);
+        }
+        self.outcomes.done.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Outcomes {
+    fn guard(self: &Arc<Self>, id: usize) -> Arc<TestGuard> {
+        Arc::new(TestGuard {
+            id,
+            failed: AtomicBool::new(false),
+            outcomes: self.clone(),
+        })
+    }
+
+    async fn wait_done(&self, n: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.done.load(Ordering::SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} publishes completed within {within:?} (failed: {:?})",
+                self.done.load(Ordering::SeqCst),
+                self.failed
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .take(3)
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+async fn wait_ready(bridge: &Amqp10Bridge) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bridge.health() != Health::Ready {
+        assert!(Instant::now() < deadline, "health: {:?}", bridge.health());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn next(sub: &mut Box<dyn Subscription>) -> Incoming {
+    tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .expect("no message within 20s")
+        .expect("subscription ended")
+}
+
+fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Arc<Message> {
+    Arc::new(Message::new(
+        "warren-in".into(),
+        routing_key.into(),
+        properties,
+        body.into(),
+    ))
+}
+
+fn every_header() -> FieldTable {
+    let mut nested = FieldTable::default();
+    nested.insert("inner".into(), AMQPValue::LongInt(-7));
+    let mut h = FieldTable::default();
+    h.insert("bool".into(), AMQPValue::Boolean(true));
+    h.insert("i8".into(), AMQPValue::ShortShortInt(-8));
+    h.insert("u8".into(), AMQPValue::ShortShortUInt(8));
+    h.insert("i16".into(), AMQPValue::ShortInt(-16));
+    h.insert("u16".into(), AMQPValue::ShortUInt(16));
+    h.insert("i32".into(), AMQPValue::LongInt(-32));
+    h.insert("u32".into(), AMQPValue::LongUInt(32));
+    h.insert("i64".into(), AMQPValue::LongLongInt(-64));
+    h.insert("f32".into(), AMQPValue::Float(1.5));
+    h.insert("f64".into(), AMQPValue::Double(-2.25));
+    h.insert(
+        "decimal".into(),
+        AMQPValue::DecimalValue(DecimalValue {
+            scale: 2,
+            value: 12345,
+        }),
+    );
+    h.insert("short".into(), AMQPValue::ShortString("short".into()));
+    h.insert(
+        "long".into(),
+        AMQPValue::LongString(LongString::from("long ✓")),
+    );
+    h.insert(
+        "array".into(),
+        AMQPValue::FieldArray(vec![AMQPValue::LongInt(1), AMQPValue::Boolean(false)].into()),
+    );
+    h.insert("ts".into(), AMQPValue::Timestamp(1_700_000_000));
+    h.insert("table".into(), AMQPValue::FieldTable(nested));
+    h.insert(
+        "bytes".into(),
+        AMQPValue::ByteArray(vec![0u8, 255, 7].into()),
+    );
+    h.insert("void".into(), AMQPValue::Void);
+    h
+}
+
+fn full_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("identity".into())
+        .with_headers(every_header())
+        .with_delivery_mode(2)
+        .with_priority(3)
+        .with_correlation_id("corr-7".into())
+        .with_reply_to("replies".into())
+        .with_expiration("600000".into())
+        .with_message_id("msg-1".into())
+        .with_timestamp(1_700_000_123)
+        .with_type("order.created".into())
+        .with_user_id("guest".into())
+        .with_app_id("warren-tests".into())
+        .with_cluster_id("c1".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_through_the_bridge_keeps_every_property() {
+    let _lock = broker_lock(false);
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let queue = unique("props");
+    declare(&ch, &queue, FieldTable::default()).await;
+    let address = format!("/amq/queue/{queue}");
+
+    let bridge = Amqp10Bridge::start("amqp10-test", &config(100, retry(5, 50, 500))).unwrap();
+    wait_ready(&bridge).await;
+    let outcomes = Arc::new(Outcomes::default());
+    let sent = message("orders.eu", full_properties(), &b"{\"id\":1}"[..]);
+    bridge.publish(&address, sent.clone(), outcomes.guard(0));
+    outcomes.wait_done(1, Duration::from_secs(20)).await;
+    assert!(
+        outcomes.failed.lock().unwrap().is_empty(),
+        "{:?}",
+        outcomes.failed
+    );
+
+    let mut sub = bridge.subscribe(&address, 10).await.unwrap();
+    let got = next(&mut sub).await;
+    assert!(!got.redelivered);
+    assert_eq!(got.message.body, sent.body);
+    assert_eq!(got.message.routing_key.as_str(), "orders.eu");
+    let (a, b) = (&sent.properties, &got.message.properties);
+    assert_eq!(a.content_type(), b.content_type());
+    assert_eq!(a.content_encoding(), b.content_encoding());
+    assert_eq!(a.delivery_mode(), b.delivery_mode());
+    assert_eq!(a.priority(), b.priority());
+    assert_eq!(a.correlation_id(), b.correlation_id());
+    assert_eq!(a.reply_to(), b.reply_to());
+    assert_eq!(a.expiration(), b.expiration());
+    assert_eq!(a.message_id(), b.message_id());
+    assert_eq!(a.timestamp(), b.timestamp());
+    assert_eq!(a.kind(), b.kind());
+    assert_eq!(a.user_id(), b.user_id());
+    assert_eq!(a.app_id(), b.app_id());
+    assert_eq!(a.cluster_id(), b.cluster_id());
+    let (ha, hb) = (a.headers().as_ref().unwrap(), b.headers().as_ref().unwrap());
+    for (k, v) in ha.inner() {
+        assert_eq!(hb.inner().get(k), Some(v), "header {k}");
+    }
+    got.settle.settle(Settlement::Ack);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(depth(&ch, &queue).await, 0);
+    drop(sub);
+    bridge.close().await;
+    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlements_ack_requeue_and_reject() {
+    let _lock = broker_lock(false);
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let (queue, dlq) = (unique("settle"), unique("settle.dlq"));
+    declare(&ch, &dlq, FieldTable::default()).await;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from("")),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(LongString::from(dlq.as_str())),
+    );
+    declare(&ch, &queue, args).await;
+    let address = format!("/amq/queue/{queue}");
+
+    let bridge = Amqp10Bridge::start("amqp10-settle", &config(100, retry(5, 50, 500))).unwrap();
+    wait_ready(&bridge).await;
+    let outcomes = Arc::new(Outcomes::default());
+    for (i, body) in ["ack", "requeue", "reject"].iter().enumerate() {
+        bridge.publish(
+            &address,
+            message("k", BasicProperties::default(), body.as_bytes().to_vec()),
+            outcomes.guard(i),
+        );
+    }
+    outcomes.wait_done(3, Duration::from_secs(20)).await;
+    assert!(outcomes.failed.lock().unwrap().is_empty());
+
+    let mut sub = bridge.subscribe(&address, 10).await.unwrap();
+    let mut requeued_seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let got = next(&mut sub).await;
+        match &got.message.body[..] {
+            b"ack" => got.settle.settle(Settlement::Ack),
+            b"reject" => got.settle.settle(Settlement::Reject),
+            b"requeue" => {
+                requeued_seen += 1;
+                if requeued_seen == 1 {
+                    got.settle.settle(Settlement::Requeue);
+                } else {
+                    got.settle.settle(Settlement::Ack);
+                    break;
+                }
+            }
+            other => panic!("unexpected body {other:?}"),
+        }
+    }
+    assert_eq!(requeued_seen, 2, "the requeued message came back once");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        depth(&ch, &queue).await,
+        0,
+        "acked and rejected messages are gone"
+    );
+    let dead = ch
+        .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the rejected message is dead-lettered");
+    assert_eq!(&dead.delivery.data[..], b"reject");
+    drop(sub);
+    bridge.close().await;
+    for q in [&queue, &dlq] {
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_pipelined_publishes_are_all_confirmed() {
+    let _lock = broker_lock(false);
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let queue = unique("many");
+    declare(&ch, &queue, FieldTable::default()).await;
+    let address = format!("/amq/queue/{queue}");
+    let bridge = Amqp10Bridge::start("amqp10-many", &config(1000, retry(5, 50, 500))).unwrap();
+    wait_ready(&bridge).await;
+    const N: usize = 5000;
+    let outcomes = Arc::new(Outcomes::default());
+    let started = Instant::now();
+    for i in 0..N {
+        bridge.publish(
+            &address,
+            message(
+                "k",
+                BasicProperties::default(),
+                format!("m{i}").into_bytes(),
+            ),
+            outcomes.guard(i),
+        );
+    }
+    outcomes.wait_done(N, Duration::from_secs(60)).await;
+    let elapsed = started.elapsed();
+    assert!(outcomes.failed.lock().unwrap().is_empty());
+    assert_eq!(outcomes.confirmed.lock().unwrap().len(), N);
+    assert_eq!(depth(&ch, &queue).await as usize, N);
+    // One at a time would cost a round trip each; pipelined it is far below N round trips.
+    eprintln!("{N} publishes confirmed in {elapsed:?}");
+    bridge.close().await;
+    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_exchange_fails_after_its_attempts_and_too_large_fails_at_once() {
+    let _lock = broker_lock(false);
+    let _conn = connect().await;
+    let mut cfg = config(100, retry(2, 20, 50));
+    cfg.max_message_size = Some(1000);
+    let bridge = Amqp10Bridge::start("amqp10-missing", &cfg).unwrap();
+    wait_ready(&bridge).await;
+    let outcomes = Arc::new(Outcomes::default());
+    bridge.publish(
+        &format!("/exchange/{}/k", unique("nope")),
+        message("k", BasicProperties::default(), &b"x"[..]),
+        outcomes.guard(0),
+    );
+    bridge.publish(
+        "/amq/queue/whatever",
+        message("k", BasicProperties::default(), vec![0u8; 2000]),
+        outcomes.guard(1),
+    );
+    outcomes.wait_done(2, Duration::from_secs(20)).await;
+    let failed = outcomes.failed.lock().unwrap().clone();
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert!(
+        failed
+            .iter()
+            .any(|(id, r)| *id == 1 && r.contains("max_message_size")),
+        "{failed:?}"
+    );
+    assert!(
+        failed
+            .iter()
+            .any(|(id, r)| *id == 0 && r.contains("after 2 attempts")),
+        "{failed:?}"
+    );
+    // The bridge still works afterwards.
+    assert_eq!(bridge.health(), Health::Ready);
+    bridge.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_stream_loses_no_accepted_message() {
+    let _lock = broker_lock(true);
+    let queue = unique("restart");
+    {
+        let conn = connect().await;
+        let ch = conn.create_channel().await.unwrap();
+        declare(&ch, &queue, FieldTable::default()).await;
+        conn.close(0, "done".into()).await.unwrap();
+    }
+    let address = format!("/amq/queue/{queue}");
+    let bridge = Amqp10Bridge::start("amqp10-restart", &config(500, retry(0, 50, 1000))).unwrap();
+    wait_ready(&bridge).await;
+    const N: usize = 4000;
+    let outcomes = Arc::new(Outcomes::default());
+    let persistent = BasicProperties::default().with_delivery_mode(2);
+    for i in 0..N / 2 {
+        bridge.publish(
+            &address,
+            message("k", persistent.clone(), format!("m{i}").into_bytes()),
+            outcomes.guard(i),
+        );
+    }
+    // Restart while the first half is in flight, publish the second half meanwhile.
+    let script = repo_root().join("scripts/rabbitmq.sh");
+    let restart = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("bash")
+            .arg(script)
+            .arg("restart")
+            .status()
+            .unwrap()
+    });
+    for i in N / 2..N {
+        bridge.publish(
+            &address,
+            message("k", persistent.clone(), format!("m{i}").into_bytes()),
+            outcomes.guard(i),
+        );
+        if i % 200 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(
+        restart.await.unwrap().success(),
+        "scripts/rabbitmq.sh restart failed"
+    );
+    outcomes.wait_done(N, Duration::from_secs(120)).await;
+    assert!(outcomes.failed.lock().unwrap().is_empty());
+    wait_ready(&bridge).await;
+
+    // Every confirmed message is in the queue (resends may have added duplicates).
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut seen = std::collections::HashSet::new();
+    while let Some(m) = ch
+        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        seen.insert(String::from_utf8_lossy(&m.delivery.data).into_owned());
+    }
+    let missing: Vec<usize> = (0..N)
+        .filter(|i| !seen.contains(&format!("m{i}")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} confirmed messages lost: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    bridge.close().await;
+    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+// --- the Service Bus path against an in-process AMQP 1.0 acceptor (no RabbitMQ needed) --------
+
+/// What the fake Service Bus saw, in order.
+#[derive(Debug)]
+enum Seen {
+    Token {
+        name: String,
+        kind: String,
+        token: String,
+    },
+    Attach(String),
+    Message(Vec<u8>),
+    /// The outcome the bridge settled a delivery from `source` with.
+    Outcome(String),
+}
+
+/// A fake Service Bus namespace: SASL ANONYMOUS, a `$cbs` node answering put-token with 202,
+/// and any other address accepting what it receives.
+async fn fake_servicebus(
+    listener: tokio::net::TcpListener,
+    seen: tokio::sync::mpsc::UnboundedSender<Seen>,
+) {
+    use fe2o3_amqp::acceptor::{
+        ConnectionAcceptor, LinkAcceptor, LinkEndpoint, SaslAnonymousMechanism, SessionAcceptor,
+    };
+    use fe2o3_amqp_types::messaging::{Body, Message as AmqpMessage, MessageId, Properties};
+    use fe2o3_amqp_types::primitives::SimpleValue;
+    use serde_amqp::Value;
+
+    let (stream, _) = listener.accept().await.unwrap();
+    let acceptor = ConnectionAcceptor::builder()
+        .container_id("fake-servicebus")
+        .sasl_acceptor(SaslAnonymousMechanism::new())
+        .build();
+    let mut conn = acceptor.accept(stream).await.unwrap();
+    let mut session = SessionAcceptor::new().accept(&mut conn).await.unwrap();
+    let links = LinkAcceptor::new();
+    let mut cbs_in = None;
+    let mut cbs_out = None;
+    loop {
+        let link = match links.accept(&mut session).await {
+            Ok(link) => link,
+            Err(_) => return,
+        };
+        match link {
+            LinkEndpoint::Receiver(r) => {
+                let address = r
+                    .target()
+                    .as_ref()
+                    .and_then(|t| t.address.clone())
+                    .unwrap_or_default();
+                if address == "$cbs" {
+                    cbs_in = Some(r);
+                } else {
+                    let _ = seen.send(Seen::Attach(address));
+                    let seen = seen.clone();
+                    let mut r = r;
+                    tokio::spawn(async move {
+                        while let Ok(d) = r.recv::<Body<Value>>().await {
+                            let body = match d.body() {
+                                Body::Data(batch) => {
+                                    batch.iter().flat_map(|d| d.0.to_vec()).collect()
+                                }
+                                _ => Vec::new(),
+                            };
+                            r.accept(&d).await.unwrap();
+                            let _ = seen.send(Seen::Message(body));
+                        }
+                    });
+                }
+            }
+            LinkEndpoint::Sender(s) => {
+                let address = s
+                    .source()
+                    .as_ref()
+                    .and_then(|t| t.address.clone())
+                    .unwrap_or_default();
+                if address == "$cbs" {
+                    cbs_out = Some(s);
+                } else {
+                    let _ = seen.send(Seen::Attach(address));
+                    let seen = seen.clone();
+                    let mut s = s;
+                    tokio::spawn(async move {
+                        for body in ["one", "two"] {
+                            let m = AmqpMessage::builder()
+                                .data(fe2o3_amqp_types::primitives::Binary::from(
+                                    body.as_bytes().to_vec(),
+                                ))
+                                .build();
+                            match s.send(m).await {
+                                Ok(outcome) => {
+                                    let _ = seen.send(Seen::Outcome(format!("{outcome:?}")));
+                                }
+                                Err(_) => return,
+                            }
+                        }
+                    });
+                }
+            }
+        }
+        if let (Some(_), Some(_)) = (&cbs_in, &cbs_out) {
+            let (mut rx, mut tx) = (cbs_in.take().unwrap(), cbs_out.take().unwrap());
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                while let Ok(d) = rx.recv::<Body<Value>>().await {
+                    rx.accept(&d).await.unwrap();
+                    let m = d.message();
+                    let app = m.application_properties.as_ref().unwrap();
+                    let text = |k: &str| match app.get(k) {
+                        Some(SimpleValue::String(s)) => s.clone(),
+                        other => format!("{other:?}"),
+                    };
+                    assert_eq!(text("operation"), "put-token");
+                    let token = match d.body() {
+                        Body::Value(v) => match &v.0 {
+                            Value::String(s) => s.clone(),
+                            other => format!("{other:?}"),
+                        },
+                        other => format!("{other:?}"),
+                    };
+                    let _ = seen.send(Seen::Token {
+                        name: text("name"),
+                        kind: text("type"),
+                        token,
+                    });
+                    let request_id: Option<MessageId> =
+                        m.properties.as_ref().and_then(|p| p.message_id.clone());
+                    let response = AmqpMessage::builder()
+                        .properties(Properties {
+                            correlation_id: request_id,
+                            ..Default::default()
+                        })
+                        .application_properties(
+                            fe2o3_amqp_types::messaging::ApplicationProperties::builder()
+                                .insert("status-code", SimpleValue::Int(202))
+                                .build(),
+                        )
+                        .value(Value::Null)
+                        .build();
+                    if tx.send(response).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servicebus_puts_a_sas_token_on_cbs_before_attaching() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let server = tokio::spawn(fake_servicebus(listener, seen_tx));
+
+    let cfg = Amqp10Backend {
+        url: None,
+        connection_string: Some(format!(
+            "Endpoint=sb://127.0.0.1:{port}/;SharedAccessKeyName=sender;\
+             SharedAccessKey=c2VjcmV0;UseDevelopmentEmulator=true"
+        )),
+        target: None,
+        max_message_size: None,
+        max_in_flight: 10,
+        retry: retry(3, 20, 100),
+    };
+    let bridge = Amqp10Bridge::start("fake-sb", &cfg).unwrap();
+    let outcomes = Arc::new(Outcomes::default());
+    bridge.publish(
+        "demo",
+        message("k", BasicProperties::default(), &b"hello"[..]),
+        outcomes.guard(0),
+    );
+    outcomes.wait_done(1, Duration::from_secs(20)).await;
+    assert!(
+        outcomes.failed.lock().unwrap().is_empty(),
+        "{:?}",
+        outcomes.failed
+    );
+
+    let mut events = Vec::new();
+    while events.len() < 3 {
+        let e = tokio::time::timeout(Duration::from_secs(10), seen.recv())
+            .await
+            .expect("the fake Service Bus saw too little")
+            .unwrap();
+        events.push(e);
+    }
+    match &events[0] {
+        Seen::Token { name, kind, token } => {
+            assert_eq!(name, "sb://127.0.0.1/demo");
+            assert_eq!(kind, "servicebus.windows.net:sastoken");
+            assert!(
+                token.starts_with("SharedAccessSignature sr=sb%3A%2F%2F127.0.0.1%2Fdemo&sig="),
+                "{token}"
+            );
+            assert!(token.ends_with("&skn=sender"), "{token}");
+        }
+        other => panic!("expected the token first, got {other:?} ({events:?})"),
+    }
+    assert!(
+        matches!(&events[1], Seen::Attach(a) if a == "demo"),
+        "{events:?}"
+    );
+    assert!(
+        matches!(&events[2], Seen::Message(b) if b == b"hello"),
+        "{events:?}"
+    );
+    bridge.close().await;
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servicebus_requeue_is_modified_and_reject_dead_letters() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let server = tokio::spawn(fake_servicebus(listener, seen_tx));
+    let cfg = Amqp10Backend {
+        url: None,
+        connection_string: Some(format!(
+            "Endpoint=sb://127.0.0.1:{port}/;SharedAccessKeyName=listener;\
+             SharedAccessKey=c2VjcmV0;UseDevelopmentEmulator=true"
+        )),
+        target: None,
+        max_message_size: None,
+        max_in_flight: 10,
+        retry: retry(3, 20, 100),
+    };
+    let bridge = Amqp10Bridge::start("fake-sb-in", &cfg).unwrap();
+    let mut sub = bridge.subscribe("demo-in", 10).await.unwrap();
+    let first = next(&mut sub).await;
+    assert_eq!(&first.message.body[..], b"one");
+    first.settle.settle(Settlement::Requeue);
+    let second = next(&mut sub).await;
+    assert_eq!(&second.message.body[..], b"two");
+    second.settle.settle(Settlement::Reject);
+
+    let mut events = Vec::new();
+    while events.len() < 4 {
+        let e = tokio::time::timeout(Duration::from_secs(10), seen.recv())
+            .await
+            .expect("the fake Service Bus saw too little")
+            .unwrap();
+        events.push(e);
+    }
+    assert!(
+        matches!(&events[0], Seen::Token { name, .. } if name == "sb://127.0.0.1/demo-in"),
+        "{events:?}"
+    );
+    assert!(
+        matches!(&events[1], Seen::Attach(a) if a == "demo-in"),
+        "{events:?}"
+    );
+    match (&events[2], &events[3]) {
+        (Seen::Outcome(requeue), Seen::Outcome(reject)) => {
+            assert!(
+                requeue.starts_with("Modified") && requeue.contains("delivery_failed: Some(true)"),
+                "{requeue}"
+            );
+            assert!(
+                reject.starts_with("Rejected") && reject.contains("com.microsoft:dead-letter"),
+                "{reject}"
+            );
+        }
+        _ => panic!("{events:?}"),
+    }
+    drop(sub);
+    bridge.close().await;
+    server.abort();
+}

@@ -1,0 +1,438 @@
+//! The MQTT bridge against a real broker (Mosquitto).
+//!
+//! Needs `WARREN_TEST_MQTT_URL`: `scripts/test.sh` starts a private broker with
+//! `scripts/mosquitto.sh start` (port 1889, `persistence true`) and exports it. Every test fails
+//! (never skips) without it. The restart test restarts the broker; a file lock keeps the other
+//! tests off it meanwhile.
+#![cfg(feature = "mqtt")]
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::BasicProperties;
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use warren_backends::store::Completion;
+use warren_backends::{Backend, Incoming, Message, Settlement, Subscription};
+use warren_bridges::mqtt::MqttBridge;
+use warren_config::file::{MqttBackend, RetryConfig};
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+fn url() -> String {
+    match std::env::var("WARREN_TEST_MQTT_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "\n\nWARREN_TEST_MQTT_URL is not set: these tests need a real MQTT broker.\n\
+             Start the private test broker and point the tests at it:\n\n    \
+             scripts/mosquitto.sh start\n    \
+             export WARREN_TEST_MQTT_URL=$(scripts/mosquitto.sh url)\n\n\
+             (scripts/test.sh does both.)\n"
+        ),
+    }
+}
+
+fn host_port() -> (String, u16) {
+    let u = url();
+    let rest = u.strip_prefix("mqtt://").expect("mqtt:// URL");
+    let (h, p) = rest.rsplit_once(':').expect("host:port");
+    (
+        h.to_string(),
+        p.trim_end_matches('/').parse().expect("port"),
+    )
+}
+
+fn broker_lock(exclusive: bool) -> File {
+    let dir = repo_root().join("target/mosquitto");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("tests.lock"))
+        .unwrap();
+    if exclusive {
+        file.lock().unwrap();
+    } else {
+        file.lock_shared().unwrap();
+    }
+    file
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("warren-test-{prefix}-{}-{nanos}", std::process::id())
+}
+
+fn config(client_id: &str) -> MqttBackend {
+    MqttBackend {
+        url: url(),
+        protocol: "5".into(),
+        client_id: client_id.into(),
+        topic_prefix: String::new(),
+        username: None,
+        password: None,
+        keep_alive_secs: 30,
+        retry: RetryConfig {
+            max_attempts: 0,
+            initial_backoff_ms: 50,
+            max_backoff_ms: 500,
+        },
+    }
+}
+
+/// A plain MQTT 5 client, its event loop polled in the background; received publishes come
+/// out of the returned channel.
+async fn raw_client(
+    id: &str,
+    subscribe: Option<&str>,
+) -> (
+    AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Publish>,
+) {
+    let (host, port) = host_port();
+    let opts = MqttOptions::new(id, host, port);
+    let (client, mut eventloop): (AsyncClient, EventLoop) = AsyncClient::new(opts, 1000);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let mut ready_tx = Some(ready_tx);
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send(p);
+                }
+                Ok(Event::Incoming(Packet::SubAck(_)))
+                | Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    if let Some(t) = ready_tx.take() {
+                        let _ = t.send(());
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    if let Some(filter) = subscribe {
+        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(10), ready_rx)
+        .await
+        .unwrap_or_else(|_| panic!("MQTT broker at {} did not answer", url()))
+        .unwrap();
+    // Let the SUBACK arrive after the CONNACK.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (client, rx)
+}
+
+#[derive(Default)]
+struct Outcomes {
+    confirmed: Mutex<Vec<usize>>,
+    failed: Mutex<Vec<(usize, String)>>,
+    done: AtomicUsize,
+}
+
+struct TestGuard {
+    id: usize,
+    failed: AtomicBool,
+    outcomes: Arc<Outcomes>,
+}
+
+impl Completion for TestGuard {
+    fn failed(&self, reason: &str) {
+        self.failed.store(true, Ordering::SeqCst);
+        self.outcomes
+            .failed
+            .lock()
+            .unwrap()
+            .push((self.id, reason.to_string()));
+    }
+}
+
+impl Drop for TestGuard {
+    fn drop(&mut self) {
+        if !self.failed.load(Ordering::SeqCst) {
+            self.outcomes.confirmed.lock().unwrap().push(self.id);
+        }
+        self.outcomes.done.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Outcomes {
+    fn guard(self: &Arc<Self>, id: usize) -> Arc<TestGuard> {
+        Arc::new(TestGuard {
+            id,
+            failed: AtomicBool::new(false),
+            outcomes: self.clone(),
+        })
+    }
+
+    async fn wait_done(&self, n: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.done.load(Ordering::SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} publishes completed within {within:?}",
+                self.done.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Arc<Message> {
+    Arc::new(Message::new(
+        "demo".into(),
+        routing_key.into(),
+        properties,
+        body.into(),
+    ))
+}
+
+async fn next(sub: &mut Box<dyn Subscription>) -> Incoming {
+    tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("no message within 10s")
+        .expect("subscription ended")
+}
+
+#[tokio::test]
+async fn publishes_arrive_as_topics_with_properties() {
+    let _lock = broker_lock(false);
+    let root = unique("out");
+    let (_raw, mut rx) = raw_client(&unique("raw"), Some(&format!("{root}/#"))).await;
+    let bridge = MqttBridge::start("mqtt", &config(&unique("bridge"))).unwrap();
+    let outcomes = Arc::new(Outcomes::default());
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "tenant".into(),
+        AMQPValue::LongString(LongString::from("acme")),
+    );
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_correlation_id("corr-1".into())
+        .with_reply_to("replies/1".into())
+        .with_headers(headers);
+    bridge.publish(&root, message("a.b", props, &b"{}"[..]), outcomes.guard(0));
+    bridge.publish(
+        &root,
+        message("c", BasicProperties::default(), &b"plain"[..]),
+        outcomes.guard(1),
+    );
+    outcomes.wait_done(2, Duration::from_secs(10)).await;
+    assert!(outcomes.failed.lock().unwrap().is_empty());
+    let p = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&p.topic[..], format!("{root}/a/b").as_bytes());
+    assert_eq!(p.qos, QoS::AtLeastOnce);
+    assert_eq!(&p.payload[..], b"{}");
+    let pp = p.properties.clone().expect("v5 properties");
+    assert_eq!(pp.content_type.as_deref(), Some("application/json"));
+    assert_eq!(pp.correlation_data.as_deref(), Some(&b"corr-1"[..]));
+    assert_eq!(pp.response_topic.as_deref(), Some("replies/1"));
+    assert!(pp
+        .user_properties
+        .contains(&("tenant".to_string(), "acme".to_string())));
+    let p = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&p.topic[..], format!("{root}/c").as_bytes());
+    bridge.close().await;
+}
+
+#[tokio::test]
+async fn subscriptions_receive_settle_and_requeue() {
+    let _lock = broker_lock(false);
+    let source = unique("in");
+    let bridge = MqttBridge::start("mqtt", &config(&unique("bridge"))).unwrap();
+    let mut sub = bridge.subscribe(&source, 10).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (raw, _rx) = raw_client(&unique("raw"), None).await;
+    let props = PublishProperties {
+        content_type: Some("text/plain".into()),
+        correlation_data: Some(Bytes::from_static(b"c9")),
+        user_properties: vec![("k".into(), "v".into())],
+        ..Default::default()
+    };
+    raw.publish_with_properties(
+        format!("{source}/x/y"),
+        QoS::AtLeastOnce,
+        false,
+        "hello",
+        props,
+    )
+    .await
+    .unwrap();
+    let m = next(&mut sub).await;
+    assert!(!m.redelivered);
+    assert_eq!(&m.message.body[..], b"hello");
+    assert_eq!(m.message.routing_key.as_str(), "x.y");
+    let p = &m.message.properties;
+    assert_eq!(p.content_type().as_ref().unwrap().as_str(), "text/plain");
+    assert_eq!(p.correlation_id().as_ref().unwrap().as_str(), "c9");
+    assert_eq!(
+        p.headers().as_ref().unwrap().inner().get("k"),
+        Some(&AMQPValue::LongString(LongString::from("v")))
+    );
+    m.settle.settle(Settlement::Requeue);
+    let again = next(&mut sub).await;
+    assert!(again.redelivered);
+    assert_eq!(&again.message.body[..], b"hello");
+    again.settle.settle(Settlement::Ack);
+    bridge.close().await;
+}
+
+#[tokio::test]
+async fn unacked_messages_come_back_after_the_bridge_restarts() {
+    let _lock = broker_lock(false);
+    let source = unique("session");
+    let id = unique("bridge");
+    let first = MqttBridge::start("mqtt", &config(&id)).unwrap();
+    let mut sub = first.subscribe(&source, 10).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (raw, _rx) = raw_client(&unique("raw"), None).await;
+    raw.publish(format!("{source}/k"), QoS::AtLeastOnce, false, "kept")
+        .await
+        .unwrap();
+    let m = next(&mut sub).await;
+    assert_eq!(&m.message.body[..], b"kept");
+    // Gone without acknowledging.
+    std::mem::forget(m);
+    drop(sub);
+    first.close().await;
+    // Published while the bridge is away: queued in its persistent session.
+    raw.publish(format!("{source}/k"), QoS::AtLeastOnce, false, "queued")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let second = MqttBridge::start("mqtt", &config(&id)).unwrap();
+    // Subscribe only after the session resumed: the broker sends the session's messages
+    // right after CONNACK, before the queue mapping subscribes; they must be kept.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut sub = second.subscribe(&source, 10).await.unwrap();
+    let mut bodies = Vec::new();
+    for _ in 0..2 {
+        let m = next(&mut sub).await;
+        bodies.push(String::from_utf8(m.message.body.to_vec()).unwrap());
+        m.settle.settle(Settlement::Ack);
+    }
+    bodies.sort();
+    assert_eq!(bodies, vec!["kept", "queued"]);
+    second.close().await;
+}
+
+#[tokio::test]
+async fn a_broker_restart_loses_no_confirmed_message() {
+    let _lock = broker_lock(true);
+    let root = unique("restart");
+    let bridge = MqttBridge::start("mqtt", &config(&unique("bridge"))).unwrap();
+    // The receiver has a persistent session too, so messages published while it reconnects
+    // are queued for it.
+    let (host, port) = host_port();
+    let mut opts = MqttOptions::new(unique("receiver"), host, port);
+    opts.set_clean_start(false)
+        .set_session_expiry_interval(Some(3600));
+    let (recv_client, mut recv_loop) = AsyncClient::new(opts, 1000);
+    let received = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
+    let got = received.clone();
+    tokio::spawn(async move {
+        loop {
+            match recv_loop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    got.lock()
+                        .unwrap()
+                        .insert(String::from_utf8_lossy(&p.payload).into_owned());
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    recv_client
+        .subscribe(format!("{root}/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let outcomes = Arc::new(Outcomes::default());
+    let mut sent = 0usize;
+    let mut burst = |n: usize| {
+        for _ in 0..n {
+            bridge.publish(
+                &root,
+                message("k", BasicProperties::default(), format!("{sent}")),
+                outcomes.guard(sent),
+            );
+            sent += 1;
+        }
+    };
+    for _ in 0..5 {
+        burst(50);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let script = repo_root().join("scripts/mosquitto.sh");
+    let restart = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new("bash")
+            .arg(script)
+            .arg("restart")
+            .output()
+            .expect("run scripts/mosquitto.sh restart");
+        assert!(
+            out.status.success(),
+            "scripts/mosquitto.sh restart failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    while !restart.is_finished() {
+        burst(20);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    restart.await.unwrap();
+    for _ in 0..5 {
+        burst(20);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    outcomes.wait_done(sent, Duration::from_secs(30)).await;
+    let failed = outcomes.failed.lock().unwrap().clone();
+    assert!(failed.is_empty(), "failed: {failed:?}");
+    let confirmed = outcomes.confirmed.lock().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let missing: Vec<usize> = {
+            let got = received.lock().unwrap();
+            confirmed
+                .iter()
+                .copied()
+                .filter(|i| !got.contains(&i.to_string()))
+                .collect()
+        };
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} confirmed messages never arrived, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(10)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(bridge.stats().connections.load(Ordering::Relaxed) >= 2);
+    println!("restart: {sent} published, all confirmed and received");
+    bridge.close().await;
+}
