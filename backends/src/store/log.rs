@@ -102,15 +102,22 @@ impl QueueLog {
             .collect();
         ids.sort_unstable();
 
-        // Pass 1: what was acknowledged, and the valid length of each segment.
+        // Pass 1: what was acknowledged, and the valid length of each segment. One segment is
+        // in memory at a time, in both passes: a log of ten million messages recovers in the
+        // memory of one segment plus what the queue keeps in memory.
         let mut acked = RangeSet::default();
         let mut out = Recovered::default();
-        let mut contents = Vec::with_capacity(ids.len());
         for (i, id) in ids.iter().enumerate() {
             let path = segment_path(&dir, *id);
             let mut buf = Vec::new();
             File::open(&path)?.read_to_end(&mut buf)?;
-            let (records, damage, valid_end) = record::scan(&buf);
+            let mut next_seq = out.next_seq;
+            let (damage, valid_end) = record::scan_each(&buf, |_, rec| match rec {
+                Record::Ack(seq) => acked.insert(seq),
+                Record::Purge(from, to) => acked.insert_range(from, to),
+                Record::Message(m) => next_seq = next_seq.max(m.seq + 1),
+            });
+            out.next_seq = next_seq;
             for d in damage {
                 out.damage.push(format!(
                     "{} at offset {}: {}",
@@ -136,30 +143,24 @@ impl QueueLog {
                     ));
                 }
             }
-            for (_, rec) in &records {
-                match rec {
-                    Record::Ack(seq) => acked.insert(*seq),
-                    Record::Purge(from, to) => acked.insert_range(*from, *to),
-                    Record::Message(m) => out.next_seq = out.next_seq.max(m.seq + 1),
-                }
-            }
-            contents.push((*id, records));
         }
 
         // Pass 2: the live messages, in order; the first `memory_limit` come into memory.
-        let mut segments = Vec::with_capacity(contents.len());
-        for (id, records) in contents {
+        let mut segments = Vec::with_capacity(ids.len());
+        for id in ids.iter().copied() {
+            let mut buf = Vec::new();
+            File::open(segment_path(&dir, id))?.read_to_end(&mut buf)?;
             let mut seg = Segment {
                 id,
                 first_seq: u64::MAX,
                 live: 0,
                 paged: 0,
             };
-            for (offset, rec) in records {
-                let Record::Message(m) = rec else { continue };
+            record::scan_each(&buf, |offset, rec| {
+                let Record::Message(m) = rec else { return };
                 seg.first_seq = seg.first_seq.min(m.seq);
                 if !m.persistent || acked.contains(m.seq) {
-                    continue;
+                    return;
                 }
                 seg.live += 1;
                 if out.messages.len() < memory_limit && out.cursor.is_none() {
@@ -175,7 +176,8 @@ impl QueueLog {
                     out.paged += 1;
                     out.paged_bytes += m.body.len() as u64;
                 }
-            }
+            });
+            drop(buf);
             segments.push(seg);
         }
 

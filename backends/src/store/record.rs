@@ -182,15 +182,23 @@ pub struct Damage {
 
 /// Scans a whole segment: every valid record with its offset, the damage skipped on the way,
 /// and the length of the valid prefix after which only a torn tail (if anything) remains.
+#[cfg(test)]
 pub fn scan(buf: &[u8]) -> (Vec<(u64, Record)>, Vec<Damage>, usize) {
     let mut records = Vec::new();
+    let (damage, valid_end) = scan_each(buf, |offset, rec| records.push((offset, rec)));
+    (records, damage, valid_end)
+}
+
+/// Like `scan`, handing each record to `visit` as it is decoded instead of collecting them,
+/// so recovery holds one record at a time, not a segment's worth.
+pub fn scan_each(buf: &[u8], mut visit: impl FnMut(u64, Record)) -> (Vec<Damage>, usize) {
     let mut damage = Vec::new();
     let mut pos = 0usize;
     let mut valid_end = 0usize;
     while pos < buf.len() {
         match decode(&buf[pos..]) {
             Next::Record(rec, n) => {
-                records.push((pos as u64, rec));
+                visit(pos as u64, rec);
                 pos += n;
                 valid_end = pos;
             }
@@ -213,7 +221,7 @@ pub fn scan(buf: &[u8]) -> (Vec<(u64, Record)>, Vec<Damage>, usize) {
             }
         }
     }
-    (records, damage, valid_end)
+    (damage, valid_end)
 }
 
 #[cfg(test)]
