@@ -14,17 +14,17 @@
 //! these tests off the node while its restart test runs; the restart test here takes it
 //! exclusively.
 
+mod support;
+
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lapin::options::*;
 use lapin::types::{AMQPValue, DecimalValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use warren_backends::store::Completion;
 use warren_backends::{Backend, Health, Incoming, Message, Settlement, Subscription};
 use warren_bridges::amqp10::Amqp10Bridge;
 use warren_config::file::{Amqp10Backend, Amqp10Target, RetryConfig};
@@ -146,66 +146,7 @@ async fn depth(ch: &lapin::Channel, queue: &str) -> u32 {
     .message_count()
 }
 
-#[derive(Default)]
-struct Outcomes {
-    confirmed: Mutex<Vec<usize>>,
-    failed: Mutex<Vec<(usize, String)>>,
-    done: AtomicUsize,
-}
-
-struct TestGuard {
-    id: usize,
-    failed: AtomicBool,
-    outcomes: Arc<Outcomes>,
-}
-
-impl Completion for TestGuard {
-    fn failed(&self, reason: &str) {
-        self.failed.store(true, Ordering::SeqCst);
-        self.outcomes
-            .failed
-            .lock()
-            .unwrap()
-            .push((self.id, reason.to_string()));
-    }
-}
-
-impl Drop for TestGuard {
-    fn drop(&mut self) {
-        if !self.failed.load(Ordering::SeqCst) {
-            self.outcomes.confirmed.lock().unwrap().push(self.id);
-        }
-        self.outcomes.done.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-impl Outcomes {
-    fn guard(self: &Arc<Self>, id: usize) -> Arc<TestGuard> {
-        Arc::new(TestGuard {
-            id,
-            failed: AtomicBool::new(false),
-            outcomes: self.clone(),
-        })
-    }
-
-    async fn wait_done(&self, n: usize, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.done.load(Ordering::SeqCst) < n {
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {n} publishes completed within {within:?} (failed: {:?})",
-                self.done.load(Ordering::SeqCst),
-                self.failed
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .take(3)
-                    .collect::<Vec<_>>()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
+use support::Outcomes;
 
 async fn wait_ready(bridge: &Amqp10Bridge) {
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -6,9 +6,11 @@
 //! tests off it meanwhile.
 #![cfg(feature = "mqtt")]
 
+mod support;
+
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +20,6 @@ use lapin::BasicProperties;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
-use warren_backends::store::Completion;
 use warren_backends::{Backend, Incoming, Message, Settlement, Subscription};
 use warren_bridges::mqtt::MqttBridge;
 use warren_config::file::{MqttBackend, RetryConfig};
@@ -136,60 +137,7 @@ async fn raw_client(
     (client, rx)
 }
 
-#[derive(Default)]
-struct Outcomes {
-    confirmed: Mutex<Vec<usize>>,
-    failed: Mutex<Vec<(usize, String)>>,
-    done: AtomicUsize,
-}
-
-struct TestGuard {
-    id: usize,
-    failed: AtomicBool,
-    outcomes: Arc<Outcomes>,
-}
-
-impl Completion for TestGuard {
-    fn failed(&self, reason: &str) {
-        self.failed.store(true, Ordering::SeqCst);
-        self.outcomes
-            .failed
-            .lock()
-            .unwrap()
-            .push((self.id, reason.to_string()));
-    }
-}
-
-impl Drop for TestGuard {
-    fn drop(&mut self) {
-        if !self.failed.load(Ordering::SeqCst) {
-            self.outcomes.confirmed.lock().unwrap().push(self.id);
-        }
-        self.outcomes.done.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-impl Outcomes {
-    fn guard(self: &Arc<Self>, id: usize) -> Arc<TestGuard> {
-        Arc::new(TestGuard {
-            id,
-            failed: AtomicBool::new(false),
-            outcomes: self.clone(),
-        })
-    }
-
-    async fn wait_done(&self, n: usize, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.done.load(Ordering::SeqCst) < n {
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {n} publishes completed within {within:?}",
-                self.done.load(Ordering::SeqCst)
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
+use support::Outcomes;
 
 fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Arc<Message> {
     Arc::new(Message::new(

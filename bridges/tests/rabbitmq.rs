@@ -13,18 +13,19 @@
 //! restart test restarts that node with `scripts/rabbitmq.sh restart`; a file lock keeps the
 //! other tests (in this process or, under nextest, in others) off the broker meanwhile.
 
+mod support;
+
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
-use warren_backends::store::Completion;
 use warren_backends::{Backend, BackendError, Health, Message, Settlement};
 use warren_bridges::rabbitmq::RabbitmqBridge;
 use warren_config::file::{BackendConfig, RabbitmqBackend, RetryConfig};
@@ -186,61 +187,7 @@ async fn drain(ch: &lapin::Channel, queue: &str) -> Vec<lapin::message::BasicGet
 
 // --- guards that record what happened ---------------------------------------------------------
 
-#[derive(Default)]
-struct Outcomes {
-    confirmed: Mutex<Vec<usize>>,
-    failed: Mutex<Vec<(usize, String)>>,
-    done: AtomicUsize,
-}
-
-struct TestGuard {
-    id: usize,
-    failed: AtomicBool,
-    outcomes: Arc<Outcomes>,
-}
-
-impl Completion for TestGuard {
-    fn failed(&self, reason: &str) {
-        self.failed.store(true, Ordering::SeqCst);
-        self.outcomes
-            .failed
-            .lock()
-            .unwrap()
-            .push((self.id, reason.to_string()));
-    }
-}
-
-impl Drop for TestGuard {
-    fn drop(&mut self) {
-        if !self.failed.load(Ordering::SeqCst) {
-            self.outcomes.confirmed.lock().unwrap().push(self.id);
-        }
-        self.outcomes.done.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-impl Outcomes {
-    fn guard(self: &Arc<Self>, id: usize) -> Arc<TestGuard> {
-        Arc::new(TestGuard {
-            id,
-            failed: AtomicBool::new(false),
-            outcomes: self.clone(),
-        })
-    }
-
-    async fn wait_done(&self, n: usize, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.done.load(Ordering::SeqCst) < n {
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {n} publishes completed within {within:?} ({} failed)",
-                self.done.load(Ordering::SeqCst),
-                self.failed.lock().unwrap().len()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
+use support::Outcomes;
 
 async fn wait_health(bridge: &RabbitmqBridge, want: Health, within: Duration) {
     let deadline = Instant::now() + within;

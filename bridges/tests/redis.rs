@@ -15,11 +15,13 @@
 //! off it meanwhile.
 #![cfg(feature = "redis")]
 
+mod support;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,7 +29,6 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use redis::aio::MultiplexedConnection;
 use redis::streams::StreamRangeReply;
-use warren_backends::store::Completion;
 use warren_backends::{Backend, Health, Incoming, Message, Settlement, Subscription};
 use warren_bridges::redis::RedisBridge;
 use warren_config::file::{RedisBackend, RetryConfig};
@@ -110,60 +111,7 @@ fn config() -> RedisBackend {
     }
 }
 
-#[derive(Default)]
-struct Outcomes {
-    confirmed: Mutex<Vec<usize>>,
-    failed: Mutex<Vec<(usize, String)>>,
-    done: AtomicUsize,
-}
-
-struct TestGuard {
-    id: usize,
-    failed: AtomicBool,
-    outcomes: Arc<Outcomes>,
-}
-
-impl Completion for TestGuard {
-    fn failed(&self, reason: &str) {
-        self.failed.store(true, Ordering::SeqCst);
-        self.outcomes
-            .failed
-            .lock()
-            .unwrap()
-            .push((self.id, reason.to_string()));
-    }
-}
-
-impl Drop for TestGuard {
-    fn drop(&mut self) {
-        if !self.failed.load(Ordering::SeqCst) {
-            self.outcomes.confirmed.lock().unwrap().push(self.id);
-        }
-        self.outcomes.done.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-impl Outcomes {
-    fn guard(self: &Arc<Self>, id: usize) -> Arc<TestGuard> {
-        Arc::new(TestGuard {
-            id,
-            failed: AtomicBool::new(false),
-            outcomes: self.clone(),
-        })
-    }
-
-    async fn wait_done(&self, n: usize, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.done.load(Ordering::SeqCst) < n {
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {n} publishes completed within {within:?}",
-                self.done.load(Ordering::SeqCst)
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
+use support::Outcomes;
 
 fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Arc<Message> {
     Arc::new(Message::new(
