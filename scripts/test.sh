@@ -71,6 +71,18 @@ except PackageNotFoundError:
 fi
 export WARREN_PYTHON="$VENV/bin/python"
 
+# --- Node.js amqplib for the JavaScript interop test -----------------------------------------
+
+AMQPLIB_VERSION=0.10.9
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    apt_install nodejs npm
+fi
+if [ "$(node -p "try { require('$ROOT/target/node/node_modules/amqplib/package.json').version } catch (e) { '' }" 2>/dev/null)" != "$AMQPLIB_VERSION" ]; then
+    log "installing amqplib@$AMQPLIB_VERSION into target/node"
+    mkdir -p "$ROOT/target/node"
+    npm install --silent --no-audit --no-fund --prefix "$ROOT/target/node" "amqplib@$AMQPLIB_VERSION" >/dev/null
+fi
+
 # --- RabbitMQ for the bridge tests -----------------------------------------------------------
 
 # A private node (its own ports and directories under target/rabbitmq/; installs Debian's
