@@ -54,11 +54,6 @@ impl Message {
         self.properties.headers().as_ref()
     }
 
-    /// Bytes this message holds in memory, for queue byte counts.
-    pub fn size(&self) -> usize {
-        self.body.len()
-    }
-
     pub fn priority(&self) -> u8 {
         self.properties.priority().unwrap_or(0)
     }

@@ -1,7 +1,7 @@
 //! Protocol exceptions: what went wrong, as the client will read it in channel.close or
 //! connection.close.
 
-use warren_backends::engine::{EngineError, ErrorCode};
+use warren_backends::engine::EngineError;
 
 use crate::codec::DecodeError;
 
@@ -124,9 +124,4 @@ impl From<DecodeError> for Exception {
         };
         Exception::connection(code, e.to_string())
     }
-}
-
-/// Used by the engine-facing code that refuses with a code of its own.
-pub fn engine_code(code: ErrorCode) -> u16 {
-    code.code()
 }
