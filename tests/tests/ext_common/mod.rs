@@ -2,48 +2,23 @@
 //! waits, declaring with arguments, publishing, reading AMQP errors and `x-death` headers.
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::time::Duration;
 
 use futures_lite::StreamExt;
 use lapin::message::{BasicGetMessage, Delivery};
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer};
 use warren_gateway::ServerHandle;
 
-/// How long any single step may take before the test fails instead of hanging.
-pub const STEP: Duration = Duration::from_secs(5);
+/// The basics (bounded waits, connecting, reading AMQP errors) are the lapin suite's.
+#[path = "../common/mod.rs"]
+mod base;
+#[allow(unused_imports)]
+pub use base::{amqp_error, channel, connect, expect_code, setup, within, STEP};
+
 /// How long we watch for something that must not happen.
 pub const QUIET: Duration = Duration::from_millis(300);
-
-/// Awaits `fut`, failing the test if it takes longer than [`STEP`].
-pub async fn within<F: Future>(fut: F) -> F::Output {
-    tokio::time::timeout(STEP, fut)
-        .await
-        .expect("step timed out: the server did not answer")
-}
-
-pub async fn connect(server: &ServerHandle) -> Connection {
-    within(Connection::connect(
-        &warren_tests::amqp_url(server),
-        ConnectionProperties::default(),
-    ))
-    .await
-    .expect("connect as guest/guest")
-}
-
-pub async fn channel(conn: &Connection) -> Channel {
-    within(conn.create_channel()).await.expect("open a channel")
-}
-
-/// A server, one connection to it and one channel on that connection.
-pub async fn setup() -> (ServerHandle, Connection, Channel) {
-    let server = warren_tests::start_server();
-    let conn = connect(&server).await;
-    let ch = channel(&conn).await;
-    (server, conn, ch)
-}
 
 /// A field table from `(key, value)` pairs.
 pub fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
@@ -217,29 +192,6 @@ pub async fn ack(d: &Delivery) {
         sent,
         "the delivery was already acknowledged or its channel is gone"
     );
-}
-
-/// The reply code and text of an AMQP error (channel.close or connection.close from the server).
-pub fn amqp_error(err: &lapin::Error) -> Option<(u16, String)> {
-    match err.kind() {
-        lapin::ErrorKind::ProtocolError(e) => Some((e.get_id(), e.get_message().to_string())),
-        _ => None,
-    }
-}
-
-/// Asserts that `result` failed with AMQP reply `code` and returns the reply text.
-#[track_caller]
-pub fn expect_code<T: std::fmt::Debug>(result: lapin::Result<T>, code: u16) -> String {
-    match result {
-        Ok(v) => panic!("expected AMQP error {code}, got success: {v:?}"),
-        Err(e) => match amqp_error(&e) {
-            Some((got, text)) => {
-                assert_eq!(got, code, "wrong reply code; reply text: {text}");
-                text
-            }
-            None => panic!("expected AMQP error {code}, got {e:?}"),
-        },
-    }
 }
 
 /// After a method the server answers only by closing the channel (a publish), sends a
