@@ -17,7 +17,6 @@
 mod support;
 
 use std::fs::File;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,21 +28,12 @@ use warren_backends::{Backend, Health, Incoming, Message, Settlement, Subscripti
 use warren_bridges::amqp10::Amqp10Bridge;
 use warren_config::file::{Amqp10Backend, Amqp10Target, RetryConfig};
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
-
 fn url() -> String {
-    match std::env::var("WARREN_TEST_RABBITMQ_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
-            "\n\nWARREN_TEST_RABBITMQ_URL is not set: these tests need a real RabbitMQ with the \
-             rabbitmq_amqp1_0 plugin.\nStart the private test node and point the tests at it:\n\n    \
-             scripts/rabbitmq.sh start\n    \
-             export WARREN_TEST_RABBITMQ_URL=$(scripts/rabbitmq.sh url)\n\n\
-             (scripts/test.sh does both.)\n"
-        ),
-    }
+    support::env_url(
+        "WARREN_TEST_RABBITMQ_URL",
+        "rabbitmq",
+        "RabbitMQ with the AMQP 1.0 plugin",
+    )
 }
 
 /// The AMQP 1.0 URL of the same listener: the 0-9-1 URL without its vhost.
@@ -55,20 +45,7 @@ fn amqp10_url() -> String {
 }
 
 fn broker_lock(exclusive: bool) -> File {
-    let dir = repo_root().join("target/rabbitmq");
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("tests.lock"))
-        .unwrap();
-    if exclusive {
-        file.lock().unwrap();
-    } else {
-        file.lock_shared().unwrap();
-    }
-    file
+    support::broker_lock("rabbitmq", exclusive)
 }
 
 async fn connect() -> Connection {
@@ -146,7 +123,7 @@ async fn depth(ch: &lapin::Channel, queue: &str) -> u32 {
     .message_count()
 }
 
-use support::Outcomes;
+use support::{repo_root, Outcomes};
 
 async fn wait_ready(bridge: &Amqp10Bridge) {
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -9,7 +9,6 @@
 mod support;
 
 use std::fs::File;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,21 +23,8 @@ use warren_backends::{Backend, Incoming, Message, Settlement, Subscription};
 use warren_bridges::mqtt::MqttBridge;
 use warren_config::file::{MqttBackend, RetryConfig};
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
-
 fn url() -> String {
-    match std::env::var("WARREN_TEST_MQTT_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
-            "\n\nWARREN_TEST_MQTT_URL is not set: these tests need a real MQTT broker.\n\
-             Start the private test broker and point the tests at it:\n\n    \
-             scripts/mosquitto.sh start\n    \
-             export WARREN_TEST_MQTT_URL=$(scripts/mosquitto.sh url)\n\n\
-             (scripts/test.sh does both.)\n"
-        ),
-    }
+    support::env_url("WARREN_TEST_MQTT_URL", "mosquitto", "MQTT broker")
 }
 
 fn host_port() -> (String, u16) {
@@ -52,20 +38,7 @@ fn host_port() -> (String, u16) {
 }
 
 fn broker_lock(exclusive: bool) -> File {
-    let dir = repo_root().join("target/mosquitto");
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("tests.lock"))
-        .unwrap();
-    if exclusive {
-        file.lock().unwrap();
-    } else {
-        file.lock_shared().unwrap();
-    }
-    file
+    support::broker_lock("mosquitto", exclusive)
 }
 
 fn unique(prefix: &str) -> String {
@@ -137,7 +110,7 @@ async fn raw_client(
     (client, rx)
 }
 
-use support::Outcomes;
+use support::{repo_root, Outcomes};
 
 fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Arc<Message> {
     Arc::new(Message::new(

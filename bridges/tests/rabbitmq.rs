@@ -17,7 +17,6 @@ mod support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,40 +31,12 @@ use warren_config::file::{BackendConfig, RabbitmqBackend, RetryConfig};
 
 // --- the broker ------------------------------------------------------------------------------
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
-
 fn url() -> String {
-    match std::env::var("WARREN_TEST_RABBITMQ_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
-            "\n\nWARREN_TEST_RABBITMQ_URL is not set: these tests need a real RabbitMQ.\n\
-             Start the private test node and point the tests at it:\n\n    \
-             scripts/rabbitmq.sh start\n    \
-             export WARREN_TEST_RABBITMQ_URL=$(scripts/rabbitmq.sh url)\n\n\
-             (scripts/test.sh does both.)\n"
-        ),
-    }
+    support::env_url("WARREN_TEST_RABBITMQ_URL", "rabbitmq", "RabbitMQ")
 }
 
-/// Tests share the broker; the restart test must have it alone. Shared lock for the former,
-/// exclusive for the latter: a file lock, so it holds across nextest's processes too.
 fn broker_lock(exclusive: bool) -> File {
-    let dir = repo_root().join("target/rabbitmq");
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("tests.lock"))
-        .unwrap();
-    if exclusive {
-        file.lock().unwrap();
-    } else {
-        file.lock_shared().unwrap();
-    }
-    file
+    support::broker_lock("rabbitmq", exclusive)
 }
 
 async fn connect() -> Connection {
@@ -187,7 +158,7 @@ async fn drain(ch: &lapin::Channel, queue: &str) -> Vec<lapin::message::BasicGet
 
 // --- guards that record what happened ---------------------------------------------------------
 
-use support::Outcomes;
+use support::{repo_root, Outcomes};
 
 async fn wait_health(bridge: &RabbitmqBridge, want: Health, within: Duration) {
     let deadline = Instant::now() + within;

@@ -19,7 +19,6 @@ mod support;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,38 +32,12 @@ use warren_backends::{Backend, Health, Incoming, Message, Settlement, Subscripti
 use warren_bridges::redis::RedisBridge;
 use warren_config::file::{RedisBackend, RetryConfig};
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
-
 fn url() -> String {
-    match std::env::var("WARREN_TEST_REDIS_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
-            "\n\nWARREN_TEST_REDIS_URL is not set: these tests need a real Redis.\n\
-             Start the private test server and point the tests at it:\n\n    \
-             scripts/redis.sh start\n    \
-             export WARREN_TEST_REDIS_URL=$(scripts/redis.sh url)\n\n\
-             (scripts/test.sh does both.)\n"
-        ),
-    }
+    support::env_url("WARREN_TEST_REDIS_URL", "redis", "Redis")
 }
 
 fn server_lock(exclusive: bool) -> File {
-    let dir = repo_root().join("target/redis");
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("tests.lock"))
-        .unwrap();
-    if exclusive {
-        file.lock().unwrap();
-    } else {
-        file.lock_shared().unwrap();
-    }
-    file
+    support::broker_lock("redis", exclusive)
 }
 
 async fn client() -> MultiplexedConnection {
@@ -111,7 +84,7 @@ fn config() -> RedisBackend {
     }
 }
 
-use support::Outcomes;
+use support::{repo_root, Outcomes};
 
 fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Arc<Message> {
     Arc::new(Message::new(

@@ -62,3 +62,42 @@ impl Outcomes {
         }
     }
 }
+
+/// The workspace root, for the broker scripts and their directories.
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// The test broker's URL from `var`; without it the tests fail loudly, they never skip.
+pub fn env_url(var: &str, script: &str, what: &str) -> String {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "\n\n{var} is not set: these tests need a real {what}.\n\
+             Start the private test broker and point the tests at it:\n\n    \
+             scripts/{script}.sh start\n    \
+             export {var}=$(scripts/{script}.sh url)\n\n\
+             (scripts/test.sh does both.)\n"
+        ),
+    }
+}
+
+/// Tests share a broker; one that restarts it must have it alone. Shared lock for the former,
+/// exclusive for the latter: a file lock under target/<dir>/, so it holds across nextest's
+/// processes too.
+pub fn broker_lock(dir: &str, exclusive: bool) -> std::fs::File {
+    let dir = repo_root().join("target").join(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("tests.lock"))
+        .unwrap();
+    if exclusive {
+        file.lock().unwrap();
+    } else {
+        file.lock_shared().unwrap();
+    }
+    file
+}
