@@ -634,25 +634,26 @@ fn check_rabbitmq(b: &RabbitmqBackend) -> Result<(), (Vec<&'static str>, String)
     Ok(())
 }
 
-/// An mqtt backend's own checks: `(path below the backend, message)`.
-fn check_mqtt(b: &crate::file::MqttBackend) -> Result<(), (Vec<&'static str>, String)> {
-    let url =
-        url::Url::parse(&b.url).map_err(|e| (vec!["url"], format!("not a valid URL: {e}")))?;
-    if !matches!(url.scheme(), "mqtt" | "mqtts") {
-        return Err((
-            vec!["url"],
-            format!(
-                "the scheme is `{}`; expected `mqtt://` or `mqtts://`",
-                url.scheme()
-            ),
+/// A `SCHEME://host[:port]` or `SCHEMEs://…` URL with a host.
+fn check_plain_url(text: &str, scheme: &str) -> Result<(), String> {
+    let url = url::Url::parse(text).map_err(|e| format!("not a valid URL: {e}"))?;
+    if url.scheme() != scheme && url.scheme() != format!("{scheme}s") {
+        return Err(format!(
+            "the scheme is `{}`; expected `{scheme}://` or `{scheme}s://`",
+            url.scheme()
         ));
     }
     if url.host_str().is_none_or(str::is_empty) {
-        return Err((
-            vec!["url"],
-            "the URL has no host (expected mqtt://host:port)".into(),
+        return Err(format!(
+            "the URL has no host (expected {scheme}://host:port)"
         ));
     }
+    Ok(())
+}
+
+/// An mqtt backend's own checks: `(path below the backend, message)`.
+fn check_mqtt(b: &crate::file::MqttBackend) -> Result<(), (Vec<&'static str>, String)> {
+    check_plain_url(&b.url, "mqtt").map_err(|m| (vec!["url"], m))?;
     if b.protocol == "3.1.1" {
         return Err((
             vec!["protocol"],
@@ -688,23 +689,7 @@ fn check_mqtt(b: &crate::file::MqttBackend) -> Result<(), (Vec<&'static str>, St
 
 /// A redis backend's own checks: `(path below the backend, message)`.
 fn check_redis(b: &crate::file::RedisBackend) -> Result<(), (Vec<&'static str>, String)> {
-    let url =
-        url::Url::parse(&b.url).map_err(|e| (vec!["url"], format!("not a valid URL: {e}")))?;
-    if !matches!(url.scheme(), "redis" | "rediss") {
-        return Err((
-            vec!["url"],
-            format!(
-                "the scheme is `{}`; expected `redis://` or `rediss://`",
-                url.scheme()
-            ),
-        ));
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err((
-            vec!["url"],
-            "the URL has no host (expected redis://host:port)".into(),
-        ));
-    }
+    check_plain_url(&b.url, "redis").map_err(|m| (vec!["url"], m))?;
     if b.maxlen == Some(0) {
         return Err((
             vec!["maxlen"],
