@@ -50,6 +50,28 @@ impl Message {
         }
     }
 
+    pub fn exchange(&self) -> &str {
+        self.exchange.as_str()
+    }
+
+    pub fn routing_key(&self) -> &str {
+        self.routing_key.as_str()
+    }
+
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// The content-header property block as the publisher encoded it.
+    pub fn raw_properties(&self) -> &Bytes {
+        &self.raw_properties
+    }
+
+    /// The basic properties, decoded from the property block.
+    pub fn properties(&self) -> AMQPProperties {
+        self.properties.clone()
+    }
+
     pub fn headers(&self) -> Option<&FieldTable> {
         self.properties.headers().as_ref()
     }
