@@ -45,12 +45,14 @@ impl Backend for EmbeddedBackend {
         let mut targets = Vec::new();
         self.vhost.route(
             &exchange,
-            message.routing_key.as_str(),
-            message.headers(),
+            message.routing_key(),
+            message.headers().as_ref(),
             &mut targets,
         );
         for queue in targets {
-            if queue.publish_with(message.clone(), Some(&guard)) == PublishOutcome::Rejected {
+            if queue.publish_with(Message::clone(&message), Some(&guard))
+                == PublishOutcome::Rejected
+            {
                 guard.failed("a queue refused the message (x-overflow)");
             }
         }
@@ -166,7 +168,7 @@ impl Subscription for EngineSubscription {
     async fn next(&mut self) -> Option<Incoming> {
         let queued = self.rx.recv().await?;
         Some(Incoming {
-            message: (*queued.message).clone(),
+            message: queued.message.clone(),
             redelivered: queued.redelivered,
             settle: Box::new(EngineSettle {
                 queue: self.queue.clone(),
@@ -243,7 +245,7 @@ pub fn spawn_queue_mapping(
                     inner: incoming.settle,
                     done: AtomicBool::new(false),
                 });
-                queue.publish_remote(Arc::new(incoming.message), incoming.redelivered, settle);
+                queue.publish_remote(incoming.message, incoming.redelivered, settle);
                 if queue.is_deleted() {
                     return;
                 }
@@ -306,8 +308,8 @@ mod tests {
         let mut sub = backend.subscribe("q", 2).await.unwrap();
         let first = sub.next().await.unwrap();
         let second = sub.next().await.unwrap();
-        assert_eq!(&first.message.body[..], b"a");
-        assert_eq!(&second.message.body[..], b"b");
+        assert_eq!(&first.message.body(), b"a");
+        assert_eq!(&second.message.body(), b"b");
         // Credit 2 is used up: the third waits until one is settled.
         assert!(
             tokio::time::timeout(std::time::Duration::from_millis(50), sub.next())
@@ -316,10 +318,10 @@ mod tests {
         );
         first.settle.settle(Settlement::Ack);
         let third = sub.next().await.unwrap();
-        assert_eq!(&third.message.body[..], b"c");
+        assert_eq!(&third.message.body(), b"c");
         second.settle.settle(Settlement::Requeue);
         let again = sub.next().await.unwrap();
-        assert_eq!(&again.message.body[..], b"b");
+        assert_eq!(&again.message.body(), b"b");
         assert!(again.redelivered);
         assert!(backend.declare("q").await.is_ok());
         assert!(backend.declare("nope").await.is_err());

@@ -1,19 +1,39 @@
 //! The one message type every part of Warren passes around.
+//!
+//! A queued message is mostly overhead: a 16-byte body with a parsed `AMQPProperties` (296
+//! bytes), two `String`s and a slice pinning the connection's read buffer cost over 600 bytes.
+//! So a message is one reference-counted allocation holding a small fixed summary (what routing
+//! and queues ask for on every message: TTL, priority, persistence), then the exchange name,
+//! routing key, property block exactly as published and the body. Everything else is decoded
+//! from the property block on demand, on the rarer paths that need it (dead-lettering, headers
+//! exchanges, bridges).
 
-use amq_protocol::protocol::basic::{gen_properties, AMQPProperties};
+use std::sync::Arc;
+
+use amq_protocol::protocol::basic::{gen_properties, parse_properties, AMQPProperties};
 use amq_protocol::types::{FieldTable, ShortString};
 use bytes::Bytes;
 
-/// A published message. Shared as `Arc<Message>` by every queue it was routed to: a fanout to ten
-/// queues holds one body.
-#[derive(Debug, Clone)]
+/// Summary layout at the start of the packed buffer.
+const EXPIRATION: usize = 0; // u64 LE milliseconds, NO_EXPIRATION when absent
+const PRIORITY: usize = 8;
+const FLAGS: usize = 9;
+const EXCHANGE_LEN: usize = 10; // u8
+const ROUTING_KEY_LEN: usize = 11; // u16 LE
+const PROPERTIES_LEN: usize = 13; // u32 LE
+const HEADER: usize = 17;
+
+const NO_EXPIRATION: u64 = u64::MAX;
+const PERSISTENT: u8 = 1;
+const HAS_HEADERS: u8 = 2;
+/// The `expiration` property is present but not a number; kept so `expiration_ms` can say so.
+const BAD_EXPIRATION: u8 = 4;
+
+/// A published message. Cloning is a reference-count increment: a fanout to ten queues holds
+/// one copy of the body.
+#[derive(Clone)]
 pub struct Message {
-    pub exchange: ShortString,
-    pub routing_key: ShortString,
-    pub properties: AMQPProperties,
-    /// The content-header property block as the publisher encoded it, re-sent verbatim.
-    pub raw_properties: Bytes,
-    pub body: Bytes,
+    packed: Arc<[u8]>,
 }
 
 impl Message {
@@ -25,78 +45,219 @@ impl Message {
         body: Bytes,
     ) -> Message {
         let raw_properties = encode_properties(&properties);
-        Message {
-            exchange,
-            routing_key,
-            properties,
-            raw_properties,
-            body,
+        Message::from_parts(
+            exchange.as_str(),
+            routing_key.as_str(),
+            &properties,
+            &raw_properties,
+            &body,
+        )
+    }
+
+    /// A message from its parts: `raw_properties` must be the encoding of `properties` (the
+    /// codec hands over both, so publishing never re-parses or re-encodes).
+    pub fn from_parts(
+        exchange: &str,
+        routing_key: &str,
+        properties: &AMQPProperties,
+        raw_properties: &[u8],
+        body: &[u8],
+    ) -> Message {
+        let exchange = truncated(exchange, u8::MAX as usize);
+        let routing_key = truncated(routing_key, u16::MAX as usize);
+        let len = HEADER + exchange.len() + routing_key.len() + raw_properties.len() + body.len();
+        // One allocation, filled in place: collecting a sized iterator allocates exactly once.
+        let mut packed: Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
+        if let Some(buf) = Arc::get_mut(&mut packed) {
+            let (expiration, bad_expiration) = match properties.expiration() {
+                None => (NO_EXPIRATION, false),
+                Some(text) => match text.as_str().parse::<u64>() {
+                    Ok(ms) if ms != NO_EXPIRATION => (ms, false),
+                    _ => (NO_EXPIRATION, true),
+                },
+            };
+            let mut flags = 0;
+            if properties.delivery_mode() == &Some(2) {
+                flags |= PERSISTENT;
+            }
+            if properties.headers().is_some() {
+                flags |= HAS_HEADERS;
+            }
+            if bad_expiration {
+                flags |= BAD_EXPIRATION;
+            }
+            buf[EXPIRATION..EXPIRATION + 8].copy_from_slice(&expiration.to_le_bytes());
+            buf[PRIORITY] = properties.priority().unwrap_or(0);
+            buf[FLAGS] = flags;
+            buf[EXCHANGE_LEN] = exchange.len() as u8;
+            buf[ROUTING_KEY_LEN..ROUTING_KEY_LEN + 2]
+                .copy_from_slice(&(routing_key.len() as u16).to_le_bytes());
+            buf[PROPERTIES_LEN..PROPERTIES_LEN + 4]
+                .copy_from_slice(&(raw_properties.len() as u32).to_le_bytes());
+            let mut at = HEADER;
+            for part in [
+                exchange.as_bytes(),
+                routing_key.as_bytes(),
+                raw_properties,
+                body,
+            ] {
+                buf[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
         }
+        Message { packed }
     }
 
     /// Rebuilds a message from its log record. Properties that no longer parse (a bug, never
     /// seen) come back empty rather than losing the body.
     pub fn from_stored(stored: crate::store::StoredMessage) -> Message {
-        let properties =
-            amq_protocol::protocol::basic::parse_properties(&stored.raw_properties[..])
-                .map(|(_, p)| p)
-                .unwrap_or_default();
-        Message {
-            exchange: stored.exchange.into(),
-            routing_key: stored.routing_key.into(),
-            properties,
-            raw_properties: stored.raw_properties,
-            body: stored.body,
-        }
+        let properties = parse_properties(&stored.raw_properties[..])
+            .map(|(_, p)| p)
+            .unwrap_or_default();
+        Message::from_parts(
+            &stored.exchange,
+            &stored.routing_key,
+            &properties,
+            &stored.raw_properties,
+            &stored.body,
+        )
+    }
+
+    fn u16_at(&self, at: usize) -> usize {
+        u16::from_le_bytes([self.packed[at], self.packed[at + 1]]) as usize
+    }
+
+    fn u32_at(&self, at: usize) -> usize {
+        let b = &self.packed[at..at + 4];
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
+    }
+
+    fn exchange_range(&self) -> std::ops::Range<usize> {
+        HEADER..HEADER + self.packed[EXCHANGE_LEN] as usize
+    }
+
+    fn routing_key_range(&self) -> std::ops::Range<usize> {
+        let start = self.exchange_range().end;
+        start..start + self.u16_at(ROUTING_KEY_LEN)
+    }
+
+    fn properties_range(&self) -> std::ops::Range<usize> {
+        let start = self.routing_key_range().end;
+        start..start + self.u32_at(PROPERTIES_LEN)
+    }
+
+    fn body_start(&self) -> usize {
+        self.properties_range().end
     }
 
     pub fn exchange(&self) -> &str {
-        self.exchange.as_str()
+        std::str::from_utf8(&self.packed[self.exchange_range()]).unwrap_or_default()
     }
 
     pub fn routing_key(&self) -> &str {
-        self.routing_key.as_str()
+        std::str::from_utf8(&self.packed[self.routing_key_range()]).unwrap_or_default()
     }
 
-    pub fn body(&self) -> &Bytes {
-        &self.body
+    pub fn body(&self) -> &[u8] {
+        &self.packed[self.body_start()..]
     }
 
-    /// The content-header property block as the publisher encoded it.
-    pub fn raw_properties(&self) -> &Bytes {
-        &self.raw_properties
+    /// The body as a `Bytes` sharing this message's memory (for clients that take `Bytes`).
+    pub fn body_bytes(&self) -> Bytes {
+        let start = self.body_start();
+        Bytes::from_owner(Tail {
+            packed: self.packed.clone(),
+            start,
+        })
+    }
+
+    pub fn body_len(&self) -> usize {
+        self.packed.len() - self.body_start()
+    }
+
+    /// The content-header property block as the publisher encoded it, re-sent verbatim.
+    pub fn raw_properties(&self) -> &[u8] {
+        &self.packed[self.properties_range()]
     }
 
     /// The basic properties, decoded from the property block.
     pub fn properties(&self) -> AMQPProperties {
-        self.properties.clone()
+        parse_properties(self.raw_properties())
+            .map(|(_, p)| p)
+            .unwrap_or_default()
     }
 
-    pub fn headers(&self) -> Option<&FieldTable> {
-        self.properties.headers().as_ref()
+    pub fn headers(&self) -> Option<FieldTable> {
+        if self.packed[FLAGS] & HAS_HEADERS == 0 {
+            return None;
+        }
+        self.properties().headers().clone()
     }
 
     pub fn priority(&self) -> u8 {
-        self.properties.priority().unwrap_or(0)
+        self.packed[PRIORITY]
     }
 
     /// The per-message TTL in milliseconds from the `expiration` property. `Err` carries the
     /// text when it is not a non-negative integer, which RabbitMQ refuses at publish.
     pub fn expiration_ms(&self) -> Result<Option<u64>, String> {
-        match self.properties.expiration() {
-            None => Ok(None),
-            Some(text) => text
-                .as_str()
-                .parse::<u64>()
-                .map(Some)
-                .map_err(|_| text.to_string()),
+        if self.packed[FLAGS] & BAD_EXPIRATION != 0 {
+            let text = self
+                .properties()
+                .expiration()
+                .as_ref()
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            return Err(text);
         }
+        let b = &self.packed[EXPIRATION..EXPIRATION + 8];
+        let ms = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        Ok((ms != NO_EXPIRATION).then_some(ms))
     }
 
     /// Whether the publisher asked for the message to survive a restart (delivery-mode 2).
     pub fn is_persistent(&self) -> bool {
-        self.properties.delivery_mode() == &Some(2)
+        self.packed[FLAGS] & PERSISTENT != 0
     }
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("exchange", &self.exchange())
+            .field("routing_key", &self.routing_key())
+            .field("properties", &self.properties())
+            .field("body_len", &self.body_len())
+            .finish()
+    }
+}
+
+impl PartialEq for Message {
+    fn eq(&self, other: &Message) -> bool {
+        self.packed == other.packed
+    }
+}
+
+/// Keeps a message alive for a `Bytes` view of its body.
+struct Tail {
+    packed: Arc<[u8]>,
+    start: usize,
+}
+
+impl AsRef<[u8]> for Tail {
+    fn as_ref(&self) -> &[u8] {
+        &self.packed[self.start..]
+    }
+}
+
+/// `s` cut to `max` bytes on a character boundary; AMQP short strings hold 255 bytes, so only
+/// names from other protocols can be longer.
+fn truncated(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Encodes a basic property block (flags and values) as it travels in a content header.
@@ -105,5 +266,75 @@ pub fn encode_properties(properties: &AMQPProperties) -> Bytes {
         Ok((buf, _)) => Bytes::from(buf),
         // Every AMQPProperties value is encodable; an empty block is the safe fallback.
         Err(_) => Bytes::from_static(&[0, 0]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amq_protocol::types::{AMQPValue, LongString};
+
+    #[test]
+    fn parts_come_back_as_given() {
+        let mut headers = FieldTable::default();
+        headers.insert("h".into(), AMQPValue::LongString(LongString::from("v")));
+        let props = AMQPProperties::default()
+            .with_priority(7)
+            .with_delivery_mode(2)
+            .with_expiration("1500".into())
+            .with_headers(headers.clone());
+        let m = Message::new(
+            "ex".into(),
+            "a.b".into(),
+            props.clone(),
+            Bytes::from_static(b"hello"),
+        );
+        assert_eq!(m.exchange(), "ex");
+        assert_eq!(m.routing_key(), "a.b");
+        assert_eq!(m.properties(), props);
+        assert_eq!(m.raw_properties(), &encode_properties(&props)[..]);
+        assert_eq!(m.body(), b"hello");
+        assert_eq!(&m.body_bytes()[..], b"hello");
+        assert_eq!(m.body_len(), 5);
+        assert_eq!(m.priority(), 7);
+        assert!(m.is_persistent());
+        assert_eq!(m.expiration_ms(), Ok(Some(1500)));
+        assert_eq!(m.headers(), Some(headers));
+    }
+
+    #[test]
+    fn empty_properties_and_body() {
+        let m = Message::new(
+            "".into(),
+            "".into(),
+            AMQPProperties::default(),
+            Bytes::new(),
+        );
+        assert_eq!(m.exchange(), "");
+        assert_eq!(m.routing_key(), "");
+        assert_eq!(m.body_len(), 0);
+        assert_eq!(m.priority(), 0);
+        assert!(!m.is_persistent());
+        assert_eq!(m.expiration_ms(), Ok(None));
+        assert_eq!(m.headers(), None);
+    }
+
+    #[test]
+    fn a_bad_expiration_is_reported_with_its_text() {
+        let props = AMQPProperties::default().with_expiration("soon".into());
+        let m = Message::new("".into(), "q".into(), props, Bytes::new());
+        assert_eq!(m.expiration_ms(), Err("soon".to_string()));
+    }
+
+    #[test]
+    fn long_routing_keys_from_other_protocols_are_kept_up_to_64k() {
+        let key = "k".repeat(300);
+        let m = Message::from_parts("", &key, &AMQPProperties::default(), &[0, 0], b"");
+        assert_eq!(m.routing_key(), key);
+    }
+
+    #[test]
+    fn a_small_message_is_one_small_allocation() {
+        assert_eq!(std::mem::size_of::<Message>(), 16);
     }
 }

@@ -355,12 +355,12 @@ async fn subscriptions_settle_with_ack_requeue_and_reject() {
     let a = next(&mut sub).await;
     let b = next(&mut sub).await;
     let c = next(&mut sub).await;
-    assert_eq!(&a.message.body[..], b"ack-me");
-    assert_eq!(a.message.routing_key.as_str(), source);
-    assert_eq!(a.message.exchange.as_str(), "");
+    assert_eq!(&a.message.body(), b"ack-me");
+    assert_eq!(a.message.routing_key(), source);
+    assert_eq!(a.message.exchange(), "");
     assert_eq!(
         a.message
-            .properties
+            .properties()
             .message_id()
             .as_ref()
             .map(|s| s.as_str()),
@@ -368,7 +368,7 @@ async fn subscriptions_settle_with_ack_requeue_and_reject() {
     );
     assert_eq!(
         a.message
-            .properties
+            .properties()
             .content_type()
             .as_ref()
             .map(|s| s.as_str()),
@@ -376,15 +376,15 @@ async fn subscriptions_settle_with_ack_requeue_and_reject() {
     );
     assert!(a.message.headers().unwrap().inner().contains_key("x-body"));
     assert!(!a.redelivered);
-    assert_eq!(&b.message.body[..], b"requeue-me");
-    assert_eq!(&c.message.body[..], b"reject-me");
+    assert_eq!(&b.message.body(), b"requeue-me");
+    assert_eq!(&c.message.body(), b"reject-me");
 
     a.settle.settle(Settlement::Ack);
     b.settle.settle(Settlement::Requeue);
     c.settle.settle(Settlement::Reject);
 
     let again = next(&mut sub).await;
-    assert_eq!(&again.message.body[..], b"requeue-me", "requeue redelivers");
+    assert_eq!(&again.message.body(), b"requeue-me", "requeue redelivers");
     assert!(again.redelivered);
     again.settle.settle(Settlement::Ack);
 
@@ -647,7 +647,7 @@ async fn an_upstream_restart_loses_no_confirmed_message() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(&before.message.body[..], b"before");
+    assert_eq!(&before.message.body(), b"before");
     before.settle.settle(Settlement::Ack);
 
     let outcomes = Arc::new(Outcomes::default());
@@ -725,7 +725,7 @@ async fn an_upstream_restart_loses_no_confirmed_message() {
         .await
         .expect("the subscription resumed after the restart")
         .unwrap();
-    assert_eq!(&after.message.body[..], b"after");
+    assert_eq!(&after.message.body(), b"after");
     after.settle.settle(Settlement::Ack);
 
     let confirmed: Vec<usize> = outcomes.confirmed.lock().unwrap().clone();

@@ -122,7 +122,7 @@ impl Drop for CommitOk {
 /// Work of an open transaction (tx.select), applied on tx.commit, dropped on tx.rollback.
 #[derive(Default)]
 struct Transaction {
-    publishes: Vec<(Option<Arc<Exchange>>, Arc<Message>, bool)>,
+    publishes: Vec<(Option<Arc<Exchange>>, Message, bool)>,
     /// Deliveries acknowledged or rejected in the transaction. As in RabbitMQ they leave the
     /// channel's unacked list when the ack arrives (an unknown tag fails then), are settled on
     /// commit, and go back to the unacked list on rollback.
@@ -158,7 +158,7 @@ pub struct Channel {
     consumers: HashMap<ShortString, ConsumerEntry>,
     exchange_cache: HashMap<ShortString, Arc<Exchange>>,
     /// Queues the default exchange resolved, so publishing by queue name takes no vhost lock.
-    queue_cache: HashMap<ShortString, Arc<Queue>>,
+    queue_cache: HashMap<String, Arc<Queue>>,
     cache_generation: u64,
     route_buf: Vec<Arc<Queue>>,
     /// The queue last declared on this channel: what an empty queue name refers to.
@@ -608,14 +608,14 @@ impl Channel {
     }
 
     /// The default exchange's routing: the queue named by the routing key, if it exists.
-    fn route_default(&mut self, ctx: &ConnContext, name: &ShortString, out: &mut Vec<Arc<Queue>>) {
+    fn route_default(&mut self, ctx: &ConnContext, name: &str, out: &mut Vec<Arc<Queue>>) {
         self.check_cache_generation(ctx);
         if let Some(q) = self.queue_cache.get(name) {
             out.push(q.clone());
             return;
         }
-        if let Some(q) = ctx.vhost.queue_by_name(name.as_str()) {
-            self.queue_cache.insert(name.clone(), q.clone());
+        if let Some(q) = ctx.vhost.queue_by_name(name) {
+            self.queue_cache.insert(name.to_string(), q.clone());
             out.push(q);
         }
     }
@@ -769,13 +769,14 @@ impl Channel {
         let Some(header) = inbound.header else {
             return Ok(());
         };
-        let message = Arc::new(Message {
-            exchange: inbound.exchange_name,
-            routing_key: inbound.routing_key,
-            properties: header.properties,
-            raw_properties: header.raw_properties,
-            body: inbound.body.freeze(),
-        });
+        let body = inbound.body.freeze();
+        let message = Message::from_parts(
+            inbound.exchange_name.as_str(),
+            inbound.routing_key.as_str(),
+            &header.properties,
+            &header.raw_properties,
+            &body,
+        );
         if let Some(tx) = self.tx.as_mut() {
             tx.publishes
                 .push((inbound.exchange, message, inbound.mandatory));
@@ -801,22 +802,22 @@ impl Channel {
         &mut self,
         ctx: &ConnContext,
         exchange: Option<&Arc<Exchange>>,
-        message: Arc<Message>,
+        message: Message,
         mandatory: bool,
         guard: Option<Guard>,
     ) -> Result<(), Exception> {
-        let route = ctx.plan.find(
-            message.exchange.as_str(),
-            message.routing_key.as_str(),
-            message.headers(),
-        );
+        // Decoded once, and only for a message that has headers.
+        let headers = message.headers();
+        let route = ctx
+            .plan
+            .find(message.exchange(), message.routing_key(), headers.as_ref());
         if route.is_none() && exchange.is_none() {
             // Accepted only for the routes that name this exchange; this key matched none.
             return Err(Exception::channel(
                 code::NOT_FOUND,
                 format!(
                     "no exchange '{}' in vhost '{}'",
-                    message.exchange,
+                    message.exchange(),
                     ctx.vhost.name()
                 ),
             )
@@ -831,7 +832,7 @@ impl Channel {
                 .unwrap_or_else(warren_backends::backend::no_wait);
             route
                 .backend
-                .publish(&route.destination, message.clone(), hold);
+                .publish(&route.destination, Arc::new(message.clone()), hold);
             routed_to_backend = true;
             if route.mode == RouteMode::Forward {
                 return Ok(());
@@ -841,14 +842,12 @@ impl Channel {
         let engine_routes = route.is_some() || !ctx.plan.reject_unmatched;
         match exchange {
             Some(ex) if engine_routes && ex.name.as_str().is_empty() => {
-                self.route_default(ctx, &message.routing_key, &mut targets)
+                self.route_default(ctx, message.routing_key(), &mut targets)
             }
-            Some(ex) if engine_routes => ctx.vhost.route(
-                ex,
-                message.routing_key.as_str(),
-                message.headers(),
-                &mut targets,
-            ),
+            Some(ex) if engine_routes => {
+                ctx.vhost
+                    .route(ex, message.routing_key(), headers.as_ref(), &mut targets)
+            }
             _ => {}
         }
         if !routed_to_backend && !engine_routes {
@@ -861,13 +860,13 @@ impl Channel {
             let ret = AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
                 reply_code: code::NO_ROUTE,
                 reply_text: "NO_ROUTE".into(),
-                exchange: message.exchange.clone(),
-                routing_key: message.routing_key.clone(),
+                exchange: message.exchange().into(),
+                routing_key: message.routing_key().into(),
             }));
             let id = self.id();
             ctx.outbox.push(|enc, frame_max| {
                 enc.method(id, &ret);
-                enc.content(id, &message.raw_properties, &message.body, frame_max);
+                enc.content(id, message.raw_properties(), message.body(), frame_max);
             });
         }
         let mut rejected = false;
@@ -1153,11 +1152,11 @@ impl Channel {
                 id,
                 tag,
                 message.redelivered,
-                m.exchange.as_str(),
-                m.routing_key.as_str(),
+                m.exchange(),
+                m.routing_key(),
                 remaining,
             );
-            enc.content(id, &m.raw_properties, &m.body, frame_max);
+            enc.content(id, m.raw_properties(), m.body(), frame_max);
         });
         if g.no_ack {
             drop(st);

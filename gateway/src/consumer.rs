@@ -146,10 +146,10 @@ impl Consumer for AmqpConsumer {
                 &self.tag,
                 tag,
                 message.redelivered,
-                m.exchange.as_str(),
-                m.routing_key.as_str(),
+                m.exchange(),
+                m.routing_key(),
             );
-            enc.content(ch.id, &m.raw_properties, &m.body, frame_max);
+            enc.content(ch.id, m.raw_properties(), m.body(), frame_max);
         });
         if self.no_ack {
             return Offer::Settled(message);

@@ -114,11 +114,11 @@ async fn forward_route_sends_to_the_target_only_and_confirms() {
         .get()
         .expect("message")
         .0;
-    assert_eq!(&got.message.body[..], b"m0");
-    assert_eq!(got.message.routing_key.as_str(), "orders.eu.new");
+    assert_eq!(got.message.body(), b"m0");
+    assert_eq!(got.message.routing_key(), "orders.eu.new");
     assert_eq!(
         got.message
-            .properties
+            .properties()
             .message_id()
             .as_ref()
             .map(|s| s.as_str()),
@@ -242,12 +242,12 @@ async fn queue_mapping_consumes_through_and_settles_at_the_target() {
     let (target_vhost, backend) = target();
     let source = target_vhost.queue_by_name("demo-in").expect("source");
     for i in 0..3 {
-        source.publish(Arc::new(warren_backends::Message::new(
+        source.publish(warren_backends::Message::new(
             "".into(),
             "demo-in".into(),
             Default::default(),
             bytes::Bytes::from(format!("in{i}")),
-        )));
+        ));
     }
     let plan = RoutingPlan {
         mappings: vec![QueueMapping {
@@ -324,5 +324,5 @@ async fn queue_mapping_consumes_through_and_settles_at_the_target() {
     server.shutdown().await;
     eventually(|| source.message_count() == 1).await;
     let back = source.get().expect("in1 is back at the target").0;
-    assert_eq!(&back.message.body[..], b"in1");
+    assert_eq!(back.message.body(), b"in1");
 }

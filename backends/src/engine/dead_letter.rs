@@ -50,7 +50,7 @@ pub fn dead_letter(
     dl_routing_key: Option<&ShortString>,
     now_unix_secs: u64,
 ) -> Message {
-    let props = &msg.properties;
+    let props = msg.properties();
     let mut headers = props.headers().clone().unwrap_or_default();
     let mut deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
         Some(AMQPValue::FieldArray(a)) => a.as_slice().to_vec(),
@@ -82,8 +82,8 @@ pub fn dead_letter(
             entry.insert("reason".into(), long_str(reason.as_str()));
             entry.insert("queue".into(), long_str(queue));
             entry.insert("time".into(), AMQPValue::Timestamp(now_unix_secs));
-            entry.insert("exchange".into(), long_str(msg.exchange.as_str()));
-            let keys = FieldArray::from(vec![long_str(msg.routing_key.as_str())]);
+            entry.insert("exchange".into(), long_str(msg.exchange()));
+            let keys = FieldArray::from(vec![long_str(msg.routing_key())]);
             entry.insert("routing-keys".into(), AMQPValue::FieldArray(keys));
             if let Some(exp) = props.expiration() {
                 entry.insert("original-expiration".into(), long_str(exp.as_str()));
@@ -99,7 +99,7 @@ pub fn dead_letter(
     for (key, value) in [
         ("reason", reason.as_str()),
         ("queue", queue),
-        ("exchange", msg.exchange.as_str()),
+        ("exchange", msg.exchange()),
     ] {
         let first: ShortString = format!("x-first-death-{key}").into();
         if !headers.inner().contains_key(&first) {
@@ -147,8 +147,8 @@ pub fn dead_letter(
     }
     let routing_key = dl_routing_key
         .cloned()
-        .unwrap_or_else(|| msg.routing_key.clone());
-    Message::new(dlx.clone(), routing_key, new_props, msg.body.clone())
+        .unwrap_or_else(|| msg.routing_key().into());
+    Message::new(dlx.clone(), routing_key, new_props, msg.body_bytes())
 }
 
 /// Whether dead-lettering a message into `target` would close a loop with no rejection in it;
@@ -157,7 +157,9 @@ pub fn dead_letter(
 /// that does not make the loop legitimate, and an entry that is not a table (a client wrote it)
 /// means it is not fully automatic.
 pub fn is_cycle(msg: &Message, target: &str) -> bool {
-    let Some(AMQPValue::FieldArray(deaths)) = msg.headers().and_then(|h| h.inner().get("x-death"))
+    let headers = msg.headers();
+    let Some(AMQPValue::FieldArray(deaths)) =
+        headers.as_ref().and_then(|h| h.inner().get("x-death"))
     else {
         return false;
     };
@@ -214,14 +216,14 @@ mod tests {
             None,
             1700,
         );
-        assert_eq!(dl.exchange.as_str(), "dlx");
-        assert_eq!(dl.routing_key.as_str(), "job");
-        assert_eq!(dl.properties.expiration(), &None);
+        assert_eq!(dl.exchange(), "dlx");
+        assert_eq!(dl.routing_key(), "job");
+        assert_eq!(dl.properties().expiration(), &None);
         assert_eq!(
-            dl.properties.message_id().as_ref().map(|s| s.as_str()),
+            dl.properties().message_id().as_ref().map(|s| s.as_str()),
             Some("m1")
         );
-        assert_eq!(&dl.body[..], b"payload");
+        assert_eq!(&dl.body(), b"payload");
         let d = deaths(&dl);
         assert_eq!(d.len(), 1);
         let e = d[0].inner();
@@ -235,7 +237,8 @@ mod tests {
             e.get("routing-keys"),
             Some(&AMQPValue::FieldArray(vec![long_str("job")].into()))
         );
-        let h = dl.headers().unwrap().inner();
+        let headers = dl.headers().unwrap();
+        let h = headers.inner();
         assert_eq!(h.get("x-first-death-reason"), Some(&long_str("rejected")));
         assert_eq!(h.get("x-first-death-queue"), Some(&long_str("work")));
         assert_eq!(h.get("x-first-death-exchange"), Some(&long_str("work-x")));
@@ -275,7 +278,8 @@ mod tests {
         // The merged entry keeps the time of its first death.
         assert_eq!(d[0].inner().get("time"), Some(&AMQPValue::Timestamp(1)));
         assert_eq!(d[1].inner().get("queue"), Some(&long_str("delay")));
-        let h = twice.headers().unwrap().inner();
+        let headers = twice.headers().unwrap();
+        let h = headers.inner();
         assert_eq!(h.get("x-first-death-reason"), Some(&long_str("rejected")));
         assert_eq!(h.get("x-last-death-queue"), Some(&long_str("work")));
         assert!(!is_cycle(&twice, "work"));

@@ -7,6 +7,7 @@
 
 mod args;
 mod dead_letter;
+mod deadline;
 mod error;
 mod exchange;
 mod headers;

@@ -1,6 +1,7 @@
 //! A queue: ready messages in order (per priority), the consumers they are offered to in turn,
 //! and the timers that expire messages and the queue itself.
 
+use bytes::Bytes;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::{Arc, Weak};
@@ -13,6 +14,7 @@ use tokio::time::Instant;
 
 use super::args::{Overflow, QueueArgs};
 use super::dead_letter::{dead_letter, is_cycle, DeathReason};
+use super::deadline::Deadline;
 use super::ready::ReadyList;
 use super::{ConnectionId, EngineError, VHost};
 use crate::backend::{Settle, Settlement};
@@ -24,15 +26,32 @@ use crate::Message;
 pub struct QueuedMessage {
     /// Position in this queue; a requeued message goes back to its position by this number.
     pub seq: u64,
-    pub message: Arc<Message>,
+    pub message: Message,
     pub redelivered: bool,
-    /// When the message expires while ready (the smaller of x-message-ttl and `expiration`).
-    pub expires_at: Option<Instant>,
     /// The message has a record in the queue's log that must be acknowledged when it goes.
     pub logged: bool,
+    /// When the message expires while ready (the smaller of x-message-ttl and `expiration`).
+    deadline: Option<Deadline>,
     /// A message received from a bridged target (a queue mapping): settled there when it
-    /// leaves this queue.
-    pub remote: Option<Arc<dyn Settle>>,
+    /// leaves this queue. Boxed: a thin pointer, since most queues never hold one.
+    pub remote: Option<Box<Arc<dyn Settle>>>,
+}
+
+impl QueuedMessage {
+    pub fn new(seq: u64, message: Message, expires_at: Option<Instant>) -> QueuedMessage {
+        QueuedMessage {
+            seq,
+            message,
+            redelivered: false,
+            logged: false,
+            deadline: expires_at.map(Deadline::at),
+            remote: None,
+        }
+    }
+
+    pub fn expires_at(&self) -> Option<Instant> {
+        self.deadline.map(Deadline::instant)
+    }
 }
 
 impl std::fmt::Debug for QueuedMessage {
@@ -324,9 +343,9 @@ impl Queue {
         let seq = stored.seq;
         QueuedMessage {
             seq,
-            message: Arc::new(Message::from_stored(stored)),
+            message: Message::from_stored(stored),
             redelivered,
-            expires_at,
+            deadline: expires_at.map(Deadline::at),
             logged: true,
             remote: None,
         }
@@ -404,7 +423,7 @@ impl Queue {
     }
 
     /// Enqueues a message and hands it to a consumer if one can take it.
-    pub fn publish(self: &Arc<Self>, message: Arc<Message>) -> PublishOutcome {
+    pub fn publish(self: &Arc<Self>, message: Message) -> PublishOutcome {
         self.publish_with(message, None)
     }
 
@@ -412,7 +431,7 @@ impl Queue {
     /// held until its record is fsync'd: the publisher's confirm waits for that.
     pub fn publish_with(
         self: &Arc<Self>,
-        message: Arc<Message>,
+        message: Message,
         guard: Option<&Guard>,
     ) -> PublishOutcome {
         let now = Instant::now();
@@ -429,7 +448,7 @@ impl Queue {
                 seq,
                 message,
                 redelivered: false,
-                expires_at,
+                deadline: expires_at.map(Deadline::at),
                 logged: false,
                 remote: None,
             };
@@ -437,7 +456,7 @@ impl Queue {
                 self.args.overflow,
                 Overflow::RejectPublish | Overflow::RejectPublishDlx
             );
-            if rejecting && self.is_full(&st, queued.message.body.len()) {
+            if rejecting && self.is_full(&st, queued.message.body_len()) {
                 if self.args.overflow == Overflow::RejectPublishDlx {
                     dead.push((queued, DeathReason::Maxlen));
                 }
@@ -463,7 +482,7 @@ impl Queue {
                                     st.paged.first_seq = seq;
                                 }
                                 st.paged.count += 1;
-                                st.paged.bytes += queued.message.body.len() as u64;
+                                st.paged.bytes += queued.message.body_len() as u64;
                                 paged = true;
                             }
                         }
@@ -479,7 +498,7 @@ impl Queue {
                     self.dispatch_locked(&mut st, &mut dead, now);
                 } else if st.ready.is_empty() && st.paged.count == 0 && !st.consumers.is_empty() {
                     if let Some(back) = self.offer_to_consumers(&mut st, queued) {
-                        if back.expires_at.is_some_and(|t| t <= now) {
+                        if back.expires_at().is_some_and(|t| t <= now) {
                             // TTL 0 and no consumer could take it now.
                             dead.push((back, DeathReason::Expired));
                         } else {
@@ -531,11 +550,11 @@ impl Queue {
         let stored = StoredMessage {
             seq: queued.seq,
             persistent: m.is_persistent(),
-            expires_at_ms: queued.expires_at.map_or(0, to_unix_ms),
-            exchange: m.exchange.to_string(),
-            routing_key: m.routing_key.to_string(),
-            raw_properties: m.raw_properties.clone(),
-            body: m.body.clone(),
+            expires_at_ms: queued.expires_at().map_or(0, to_unix_ms),
+            exchange: m.exchange().to_string(),
+            routing_key: m.routing_key().to_string(),
+            raw_properties: Bytes::copy_from_slice(m.raw_properties()),
+            body: m.body_bytes(),
         };
         log.append_message(&stored, paged, guard.cloned())
     }
@@ -596,7 +615,7 @@ impl Queue {
     /// A message received from a bridged target through a queue mapping.
     pub fn publish_remote(
         self: &Arc<Self>,
-        message: Arc<Message>,
+        message: Message,
         redelivered: bool,
         remote: Arc<dyn Settle>,
     ) {
@@ -614,9 +633,9 @@ impl Queue {
                 seq,
                 message,
                 redelivered,
-                expires_at: None,
+                deadline: None,
                 logged: false,
-                remote: Some(remote),
+                remote: Some(Box::new(remote)),
             };
             if st.ready.is_empty() && !st.consumers.is_empty() {
                 if let Some(back) = self.offer_to_consumers(&mut st, queued) {
@@ -652,7 +671,7 @@ impl Queue {
     }
 
     fn enqueue(self: &Arc<Self>, st: &mut QueueState, msg: QueuedMessage) {
-        if let Some(at) = msg.expires_at {
+        if let Some(at) = msg.expires_at() {
             self.track_expiry(st, at, msg.seq);
         }
         st.ready.push_back(msg);
@@ -667,7 +686,7 @@ impl Queue {
             st.expiries = st
                 .ready
                 .iter()
-                .filter_map(|m| m.expires_at.map(|t| Reverse((t, m.seq))))
+                .filter_map(|m| m.expires_at().map(|t| Reverse((t, m.seq))))
                 .collect();
             st.expiries.push(Reverse((at, seq)));
         }
@@ -735,7 +754,7 @@ impl Queue {
             let Some(next) = st.ready.pop_front() else {
                 return;
             };
-            if next.expires_at.is_some_and(|t| t <= now) {
+            if next.expires_at().is_some_and(|t| t <= now) {
                 dead.push((next, DeathReason::Expired));
                 continue;
             }
@@ -806,7 +825,7 @@ impl Queue {
                 let Some(msg) = st.ready.pop_front() else {
                     break None;
                 };
-                if msg.expires_at.is_some_and(|t| t <= now) {
+                if msg.expires_at().is_some_and(|t| t <= now) {
                     dead.push((msg, DeathReason::Expired));
                     continue;
                 }
@@ -830,7 +849,7 @@ impl Queue {
             }
             for mut msg in messages {
                 msg.redelivered = true;
-                if let Some(at) = msg.expires_at {
+                if let Some(at) = msg.expires_at() {
                     if at <= now {
                         dead.push((msg, DeathReason::Expired));
                         continue;
@@ -1021,18 +1040,18 @@ impl Queue {
         let now = unix_now();
         let mut targets = Vec::new();
         for (msg, reason) in dead {
-            let copy = Arc::new(dead_letter(
+            let copy = dead_letter(
                 &msg.message,
                 self.name.as_str(),
                 *reason,
                 dlx,
                 self.args.dead_letter_routing_key.as_ref(),
                 now,
-            ));
+            );
             vhost.route(
                 &exchange,
-                copy.routing_key.as_str(),
-                copy.headers(),
+                copy.routing_key(),
+                copy.headers().as_ref(),
                 &mut targets,
             );
             for queue in targets.drain(..) {
@@ -1162,13 +1181,13 @@ mod tests {
         fn queue_deleted(&self, _: &Arc<Queue>) {}
     }
 
-    fn msg() -> Arc<Message> {
-        Arc::new(Message::new(
+    fn msg() -> Message {
+        Message::new(
             "".into(),
             "q".into(),
             Default::default(),
             Bytes::from_static(b"x"),
-        ))
+        )
     }
 
     fn queue_with(args: &[(&str, amq_protocol::types::AMQPValue)]) -> Arc<Queue> {
@@ -1197,14 +1216,7 @@ mod tests {
         assert_eq!(*c.got.lock(), vec![(0, false), (1, false)]);
         assert_eq!(q.message_count(), 3);
         // The consumer hands message 0 back: it goes ahead of 2, 3, 4.
-        q.requeue([QueuedMessage {
-            seq: 0,
-            message: msg(),
-            redelivered: false,
-            expires_at: None,
-            logged: false,
-            remote: None,
-        }]);
+        q.requeue([QueuedMessage::new(0, msg(), None)]);
         c.credit.store(10, Ordering::SeqCst);
         q.dispatch();
         let got: Vec<_> = c.got.lock()[2..].to_vec();
@@ -1301,12 +1313,12 @@ mod tests {
         let q = queue_with(&[("x-message-ttl", AMQPValue::LongInt(1000))]);
         // A long-lived head and a short-lived message behind it.
         q.publish(msg());
-        q.publish(Arc::new(Message::new(
+        q.publish(Message::new(
             "".into(),
             "q".into(),
             AMQPProperties::default().with_expiration("100".into()),
             Bytes::from_static(b"short"),
-        )));
+        ));
         assert_eq!(q.message_count(), 2);
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(

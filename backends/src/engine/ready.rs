@@ -54,7 +54,7 @@ impl ReadyList {
     pub fn push_back(&mut self, msg: QueuedMessage) {
         let level = self.level(&msg);
         self.len += 1;
-        self.bytes += msg.message.body.len();
+        self.bytes += msg.message.body_len();
         self.levels[level].push_back(msg);
     }
 
@@ -62,7 +62,7 @@ impl ReadyList {
     pub fn push_front(&mut self, msg: QueuedMessage) {
         let level = self.level(&msg);
         self.len += 1;
-        self.bytes += msg.message.body.len();
+        self.bytes += msg.message.body_len();
         self.levels[level].push_front(msg);
     }
 
@@ -72,7 +72,7 @@ impl ReadyList {
         let list = &mut self.levels[level];
         let at = list.partition_point(|m| m.seq < msg.seq);
         self.len += 1;
-        self.bytes += msg.message.body.len();
+        self.bytes += msg.message.body_len();
         list.insert(at, msg);
     }
 
@@ -80,7 +80,7 @@ impl ReadyList {
     pub fn pop_front(&mut self) -> Option<QueuedMessage> {
         let msg = self.levels.iter_mut().rev().find_map(|l| l.pop_front())?;
         self.len -= 1;
-        self.bytes -= msg.message.body.len();
+        self.bytes -= msg.message.body_len();
         Some(msg)
     }
 
@@ -90,7 +90,7 @@ impl ReadyList {
             if let Ok(pos) = list.binary_search_by_key(&seq, |m| m.seq) {
                 let msg = list.remove(pos)?;
                 self.len -= 1;
-                self.bytes -= msg.message.body.len();
+                self.bytes -= msg.message.body_len();
                 return Some(msg);
             }
         }
@@ -119,26 +119,14 @@ mod tests {
     use crate::Message;
     use amq_protocol::protocol::basic::AMQPProperties;
     use bytes::Bytes;
-    use std::sync::Arc;
 
     fn msg(seq: u64, priority: Option<u8>) -> QueuedMessage {
         let mut props = AMQPProperties::default();
         if let Some(p) = priority {
             props = props.with_priority(p);
         }
-        QueuedMessage {
-            seq,
-            message: Arc::new(Message::new(
-                "".into(),
-                "k".into(),
-                props,
-                Bytes::from_static(b"body"),
-            )),
-            redelivered: false,
-            expires_at: None,
-            logged: false,
-            remote: None,
-        }
+        let message = Message::new("".into(), "k".into(), props, Bytes::from_static(b"body"));
+        QueuedMessage::new(seq, message, None)
     }
 
     fn seqs(r: &mut ReadyList) -> Vec<u64> {

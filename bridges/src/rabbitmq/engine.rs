@@ -460,9 +460,9 @@ async fn send_batch(
     let writes = write_in_order(to_send.iter().map(|p| {
         link.channel.basic_publish(
             p.exchange.clone(),
-            p.message.routing_key.clone(),
+            p.message.routing_key().into(),
             BasicPublishOptions::default(),
-            &p.message.body[..],
+            p.message.body(),
             (*p.properties).clone(),
         )
     }));

@@ -66,7 +66,7 @@ pub(crate) fn to_upstream(
     upstream_user: &str,
     ids: &MessageIds,
 ) -> Result<BasicProperties, Unpublishable> {
-    let p = &message.properties;
+    let p = &message.properties();
     let mut out = BasicProperties::default();
     if let Some(v) = p.content_type() {
         out = out.with_content_type(v.clone());
@@ -231,12 +231,12 @@ mod tests {
         assert_eq!(upstream, original);
         let back =
             message_from_upstream("ex".into(), "orders.eu".into(), &upstream, b"{}".to_vec());
-        assert_eq!(back.properties, original);
-        assert_eq!(back.routing_key.as_str(), "orders.eu");
-        assert_eq!(back.exchange.as_str(), "ex");
-        assert_eq!(&back.body[..], b"{}");
+        assert_eq!(back.properties(), original);
+        assert_eq!(back.routing_key(), "orders.eu");
+        assert_eq!(back.exchange(), "ex");
+        assert_eq!(back.body(), b"{}");
         // The raw block is re-encoded so the gateway re-sends what the properties say.
-        let parsed = amq_protocol_parse(&back.raw_properties);
+        let parsed = amq_protocol_parse(back.raw_properties());
         assert_eq!(parsed, original);
     }
 

@@ -220,7 +220,7 @@ mod tests {
     }
 
     fn body(p: &Pending) -> &[u8] {
-        &p.message.body[..]
+        p.message.body()
     }
 
     #[tokio::test]
