@@ -5,10 +5,14 @@
 #   scripts/mosquitto.sh stop      stop the broker (only this one)
 #   scripts/mosquitto.sh restart   stop, then start (persistent sessions and queued messages kept)
 #   scripts/mosquitto.sh url       print the URL
+#   scripts/mosquitto.sh tls-url   print the URL of the TLS listener (mqtts://)
+#   scripts/mosquitto.sh ca-file   print the path of the CA certificate the TLS listener's is signed by
 #   scripts/mosquitto.sh status    exit 0 if the broker is running
 #
 # Private: port 1889 on 127.0.0.1 (WARREN_MOSQUITTO_PORT), directory target/mosquitto/, with
 # `persistence true` so sessions survive a restart. A system Mosquitto is never touched.
+# A second listener on port 1890 (WARREN_MOSQUITTO_TLS_PORT) speaks TLS with a throwaway CA and
+# server certificate (127.0.0.1, localhost) made by scripts/tls-certs.sh in target/mosquitto/tls/.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,6 +20,9 @@ ROOT=$(pwd)
 DIR="$ROOT/target/mosquitto"
 PORT=${WARREN_MOSQUITTO_PORT:-1889}
 URL="mqtt://127.0.0.1:$PORT"
+TLS_PORT=${WARREN_MOSQUITTO_TLS_PORT:-1890}
+TLS_URL="mqtts://127.0.0.1:$TLS_PORT"
+TLS_DIR="$DIR/tls"
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -49,11 +56,12 @@ running() {
     [ -n "$p" ] && kill -0 "$p" 2>/dev/null
 }
 
-listening() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 start() {
     install
     mkdir -p "$DIR/data"
+    "$ROOT/scripts/tls-certs.sh" "$TLS_DIR"
     if ! running; then
         {
             echo "listener $PORT 127.0.0.1"
@@ -66,17 +74,21 @@ start() {
             if [ "$(id -u)" -eq 0 ]; then
                 echo "user root"
             fi
+            echo "listener $TLS_PORT 127.0.0.1"
+            echo "cafile $TLS_DIR/ca.pem"
+            echo "certfile $TLS_DIR/server.pem"
+            echo "keyfile $TLS_DIR/server.key"
         } >"$DIR/mosquitto.conf"
         "$(find_bin)" -c "$DIR/mosquitto.conf" -d
     fi
     for _ in $(seq 1 100); do
-        if listening; then
+        if listening "$PORT" && listening "$TLS_PORT"; then
             echo "$URL"
             return
         fi
         sleep 0.1
     done
-    die "mosquitto did not listen on port $PORT (log: $DIR/mosquitto.log)"
+    die "mosquitto did not listen on ports $PORT and $TLS_PORT (log: $DIR/mosquitto.log)"
 }
 
 stop() {
@@ -98,6 +110,8 @@ start) start ;;
 stop) stop ;;
 restart) stop; start ;;
 url) echo "$URL" ;;
+tls-url) echo "$TLS_URL" ;;
+ca-file) echo "$TLS_DIR/ca.pem" ;;
 status) running ;;
-*) die "usage: $0 start|stop|restart|url|status" ;;
+*) die "usage: $0 start|stop|restart|url|tls-url|ca-file|status" ;;
 esac

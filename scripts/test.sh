@@ -98,7 +98,10 @@ export WARREN_TEST_RABBITMQ_URL
 exit_trap=$(trap -p EXIT | sed -E -e "s/^trap -- '(.*)' EXIT\$/\\1/" -e "s/'\\\\''/'/g")
 trap "${exit_trap:+$exit_trap; }scripts/redis.sh stop >/dev/null 2>&1 || true" EXIT
 WARREN_TEST_REDIS_URL=$(scripts/redis.sh start)
-export WARREN_TEST_REDIS_URL
+# Its TLS port (6390) and the throwaway CA its certificate is signed by, for the rediss:// tests.
+WARREN_TEST_REDISS_URL=$(scripts/redis.sh tls-url)
+WARREN_TEST_REDIS_CA=$(scripts/redis.sh ca-file)
+export WARREN_TEST_REDIS_URL WARREN_TEST_REDISS_URL WARREN_TEST_REDIS_CA
 
 # --- Mosquitto for the MQTT bridge tests -------------------------------------------------------
 
@@ -107,7 +110,10 @@ export WARREN_TEST_REDIS_URL
 exit_trap=$(trap -p EXIT | sed -E -e "s/^trap -- '(.*)' EXIT\$/\\1/" -e "s/'\\\\''/'/g")
 trap "${exit_trap:+$exit_trap; }scripts/mosquitto.sh stop >/dev/null 2>&1 || true" EXIT
 WARREN_TEST_MQTT_URL=$(scripts/mosquitto.sh start)
-export WARREN_TEST_MQTT_URL
+# Its TLS listener (1890) and the throwaway CA its certificate is signed by, for mqtts:// tests.
+WARREN_TEST_MQTTS_URL=$(scripts/mosquitto.sh tls-url)
+WARREN_TEST_MQTT_CA=$(scripts/mosquitto.sh ca-file)
+export WARREN_TEST_MQTT_URL WARREN_TEST_MQTTS_URL WARREN_TEST_MQTT_CA
 
 # --- Rust tests ------------------------------------------------------------------------------
 

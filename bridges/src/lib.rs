@@ -9,7 +9,7 @@
 //! - `amqp10` (cargo feature `amqp10`, on by default): an AMQP 1.0 peer (Azure Service Bus,
 //!   RabbitMQ's AMQP 1.0 plugin, Artemis), see [`amqp10`].
 //! - `redis` (cargo feature `redis`, on by default): Redis Streams, see [`redis`].
-//! - `mqtt` (cargo feature `mqtt`, on by default): an MQTT 5 broker, see [`mqtt`].
+//! - `mqtt` (cargo feature `mqtt`, on by default): an MQTT 5 or 3.1.1 broker, see [`mqtt`].
 
 use std::sync::Arc;
 
@@ -25,6 +25,8 @@ pub mod mqtt;
 pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(any(feature = "mqtt", feature = "redis"))]
+mod tls;
 
 /// Why a backend could not be built. Only configuration problems: a target that is down at
 /// start is not an error, the bridge connects (and reconnects) on its own.

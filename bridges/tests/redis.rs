@@ -76,6 +76,7 @@ fn config() -> RedisBackend {
         dead_letter_stream: None,
         max_deliveries: 10,
         claim_idle_ms: 30_000,
+        ca_file: None,
         retry: RetryConfig {
             max_attempts: 0,
             initial_backoff_ms: 50,
@@ -200,15 +201,15 @@ async fn publishes_become_entries_and_entries_come_back_as_messages() {
     let mut sub = bridge.subscribe(&stream, 10).await.unwrap();
     let first = next(&mut sub).await;
     assert!(!first.redelivered);
-    assert_eq!(&first.message.body[..], b"{\"n\":1}");
-    assert_eq!(first.message.routing_key.as_str(), "a.b");
-    assert_eq!(first.message.properties, props);
+    assert_eq!(first.message.body(), b"{\"n\":1}");
+    assert_eq!(first.message.routing_key(), "a.b");
+    assert_eq!(first.message.properties(), props);
     let second = next(&mut sub).await;
-    assert_eq!(&second.message.body[..], b"plain");
-    assert_eq!(second.message.properties, BasicProperties::default());
+    assert_eq!(second.message.body(), b"plain");
+    assert_eq!(second.message.properties(), BasicProperties::default());
     let third = next(&mut sub).await;
-    assert_eq!(&third.message.body[..], b"foreign");
-    assert_eq!(third.message.routing_key.as_str(), stream.as_str());
+    assert_eq!(third.message.body(), b"foreign");
+    assert_eq!(third.message.routing_key(), stream.as_str());
     assert_eq!(pending(&mut conn, &stream, "warren").await, 3);
     for m in [first, second, third] {
         m.settle.settle(Settlement::Ack);
@@ -280,14 +281,14 @@ async fn requeue_redelivers_reject_and_too_many_deliveries_dead_letter() {
     let mut sub = bridge.subscribe(&stream, 10).await.unwrap();
     let a = next(&mut sub).await;
     let b = next(&mut sub).await;
-    assert_eq!(&a.message.body[..], b"requeued");
-    assert_eq!(&b.message.body[..], b"rejected");
+    assert_eq!(a.message.body(), b"requeued");
+    assert_eq!(b.message.body(), b"rejected");
     b.settle.settle(Settlement::Reject);
     a.settle.settle(Settlement::Requeue);
     // Second delivery (count 2 = max_deliveries): delivered again.
     let again = next(&mut sub).await;
     assert!(again.redelivered);
-    assert_eq!(&again.message.body[..], b"requeued");
+    assert_eq!(again.message.body(), b"requeued");
     // Requeued once more: a third delivery would exceed 2, so it is dead-lettered.
     again.settle.settle(Settlement::Requeue);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -306,7 +307,7 @@ async fn requeue_redelivers_reject_and_too_many_deliveries_dead_letter() {
         );
         // Drive the subscription (it claims requeued entries when asked for more).
         if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
-            panic!("unexpected delivery: {:?}", m.message.body);
+            panic!("unexpected delivery: {:?}", m.message.body());
         }
     }
     let dead = range(&mut conn, &dlq).await.ids;
@@ -365,10 +366,10 @@ async fn pending_entries_are_delivered_again_after_a_restart_and_reclaimed_from_
     let mut sub = second.subscribe(&stream, 10).await.unwrap();
     let a = next(&mut sub).await;
     assert!(a.redelivered);
-    assert_eq!(&a.message.body[..], b"m0");
+    assert_eq!(a.message.body(), b"m0");
     a.settle.settle(Settlement::Ack);
     let b = next(&mut sub).await;
-    assert_eq!(&b.message.body[..], b"m1");
+    assert_eq!(b.message.body(), b"m1");
     // The ack is sent in the background; a close before it lands would leave m0 pending
     // (delivered again later: at least once).
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -389,7 +390,7 @@ async fn pending_entries_are_delivered_again_after_a_restart_and_reclaimed_from_
     tokio::time::sleep(Duration::from_millis(250)).await;
     let b = next(&mut sub).await;
     assert!(b.redelivered);
-    assert_eq!(&b.message.body[..], b"m1");
+    assert_eq!(b.message.body(), b"m1");
     b.settle.settle(Settlement::Ack);
     let deadline = Instant::now() + Duration::from_secs(5);
     while pending(&mut conn, &stream, "warren").await != 0 {
@@ -485,6 +486,104 @@ async fn a_redis_restart_loses_no_confirmed_message() {
     let _: () = redis::cmd("DEL")
         .arg(&stream)
         .query_async(&mut conn2)
+        .await
+        .unwrap();
+}
+
+/// `rediss://` to the server's TLS port, trusting the test CA: publish and consume through
+/// TLS, the entries checked over the plain port. The same bridge trusting an unrelated CA
+/// never connects: the server's certificate is verified.
+#[tokio::test]
+async fn rediss_with_a_ca_file_publishes_and_consumes_and_checks_the_certificate() {
+    let _lock = server_lock(false);
+    let mut conn = client().await;
+    let (tls_url, ca_file) =
+        support::tls_env("WARREN_TEST_REDISS_URL", "WARREN_TEST_REDIS_CA", "redis");
+    let stream = unique("tls");
+    let cfg = RedisBackend {
+        url: tls_url.clone(),
+        ca_file: Some(ca_file.clone()),
+        ..config()
+    };
+    let bridge = RedisBridge::start("redis-tls", &cfg).unwrap();
+    let outcomes = Arc::new(Outcomes::default());
+    for i in 0..20 {
+        bridge.publish(
+            &stream,
+            message("k", full_properties(), format!("tls-{i}")),
+            outcomes.guard(i),
+        );
+    }
+    outcomes.wait_done(20, Duration::from_secs(10)).await;
+    let failed = outcomes.failed.lock().unwrap().clone();
+    assert!(failed.is_empty(), "failed over TLS: {failed:?}");
+    let entries = range(&mut conn, &stream).await.ids;
+    assert_eq!(entries.len(), 20);
+    assert_eq!(field(&entries[3].map, "body").unwrap(), b"tls-3");
+    assert_eq!(field(&entries[3].map, "h.tenant").unwrap(), b"acme");
+
+    let mut sub = bridge.subscribe(&stream, 10).await.unwrap();
+    for i in 0..20 {
+        let m = next(&mut sub).await;
+        assert_eq!(m.message.body(), format!("tls-{i}").as_bytes());
+        assert_eq!(m.message.properties(), full_properties());
+        m.settle.settle(Settlement::Ack);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pending(&mut conn, &stream, "warren").await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "acks never reached Redis over TLS"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(bridge.health(), Health::Ready);
+    bridge.close().await;
+
+    // Trusting another CA: the handshake fails, every attempt, and the message is nacked.
+    let other_ca = std::path::Path::new(&ca_file).with_file_name("other-ca.pem");
+    let cfg = RedisBackend {
+        url: tls_url,
+        ca_file: Some(other_ca.to_string_lossy().into_owned()),
+        retry: RetryConfig {
+            max_attempts: 2,
+            initial_backoff_ms: 50,
+            max_backoff_ms: 100,
+        },
+        ..config()
+    };
+    let bridge = RedisBridge::start("redis-tls-untrusted", &cfg).unwrap();
+    let outcomes = Arc::new(Outcomes::default());
+    bridge.publish(
+        &stream,
+        message("k", BasicProperties::default(), "never"),
+        outcomes.guard(0),
+    );
+    outcomes.wait_done(1, Duration::from_secs(20)).await;
+    assert!(outcomes.confirmed.lock().unwrap().is_empty());
+    match bridge.health() {
+        Health::Degraded(reason) => assert!(
+            reason.to_lowercase().contains("certificate"),
+            "not a certificate error: {reason}"
+        ),
+        other => panic!("an untrusted server must not be Ready: {other:?}"),
+    }
+    bridge.close().await;
+    assert_eq!(range(&mut conn, &stream).await.ids.len(), 20);
+
+    // A CA file that does not exist is refused at start.
+    let cfg = RedisBackend {
+        url: "rediss://127.0.0.1:1".into(),
+        ca_file: Some("/nonexistent/ca.pem".into()),
+        ..config()
+    };
+    let err = RedisBridge::start("redis-tls-missing", &cfg)
+        .err()
+        .expect("a missing ca_file is a configuration error");
+    assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut conn)
         .await
         .unwrap();
 }

@@ -172,6 +172,10 @@ pub struct RedisBackend {
     /// reclaimed with XAUTOCLAIM and delivered again.
     #[serde(default = "default_claim_idle_ms")]
     pub claim_idle_ms: u64,
+    /// `rediss://` only: a PEM file of the CA certificate(s) the server's certificate must chain
+    /// to. Default: the system's trust store.
+    #[serde(default)]
+    pub ca_file: Option<String>,
     #[serde(default)]
     pub retry: RetryConfig,
 }
@@ -197,6 +201,15 @@ pub struct MqttBackend {
     /// Keep-alive interval in seconds.
     #[serde(default = "default_keep_alive")]
     pub keep_alive_secs: u64,
+    /// `mqtts://` only: a PEM file of the CA certificate(s) the broker's certificate must chain
+    /// to. Default: the system's trust store.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// MQTT 3.1.1 only (it has no properties): wrap every payload in Warren's envelope, which
+    /// carries the AMQP properties and headers, and unwrap it on receipt. For Warren-to-Warren
+    /// links over 3.1.1; other MQTT clients see the envelope. Default: off, properties dropped.
+    #[serde(default)]
+    pub envelope: bool,
     #[serde(default)]
     pub retry: RetryConfig,
 }

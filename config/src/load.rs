@@ -651,21 +651,40 @@ fn check_plain_url(text: &str, scheme: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A `ca_file` is only for a TLS URL (`tls_scheme://`), and not empty. Whether it reads is
+/// checked when the bridge starts.
+fn check_ca_file(
+    ca_file: Option<&str>,
+    url: &str,
+    tls_scheme: &str,
+) -> Result<(), (Vec<&'static str>, String)> {
+    match ca_file {
+        None => Ok(()),
+        Some("") => Err((vec!["ca_file"], "must not be empty".into())),
+        Some(_) if !url.starts_with(&format!("{tls_scheme}://")) => Err((
+            vec!["ca_file"],
+            format!("only with a `{tls_scheme}://` URL (TLS)"),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
 /// An mqtt backend's own checks: `(path below the backend, message)`.
 fn check_mqtt(b: &crate::file::MqttBackend) -> Result<(), (Vec<&'static str>, String)> {
     check_plain_url(&b.url, "mqtt").map_err(|m| (vec!["url"], m))?;
-    if b.protocol == "3.1.1" {
+    if b.protocol != "5" && b.protocol != "3.1.1" {
         return Err((
             vec!["protocol"],
-            "MQTT 3.1.1 is not supported yet; use \"5\" (the default)".into(),
+            format!("`{}`; expected \"5\" or \"3.1.1\"", b.protocol),
         ));
     }
-    if b.protocol != "5" {
+    if b.envelope && b.protocol != "3.1.1" {
         return Err((
-            vec!["protocol"],
-            format!("`{}`; expected \"5\"", b.protocol),
+            vec!["envelope"],
+            "only with protocol \"3.1.1\" (MQTT 5 carries the properties itself)".into(),
         ));
     }
+    check_ca_file(b.ca_file.as_deref(), &b.url, "mqtts")?;
     if b.client_id.is_empty() {
         return Err((
             vec!["client_id"],
@@ -690,6 +709,7 @@ fn check_mqtt(b: &crate::file::MqttBackend) -> Result<(), (Vec<&'static str>, St
 /// A redis backend's own checks: `(path below the backend, message)`.
 fn check_redis(b: &crate::file::RedisBackend) -> Result<(), (Vec<&'static str>, String)> {
     check_plain_url(&b.url, "redis").map_err(|m| (vec!["url"], m))?;
+    check_ca_file(b.ca_file.as_deref(), &b.url, "rediss")?;
     if b.maxlen == Some(0) {
         return Err((
             vec!["maxlen"],
@@ -1424,6 +1444,8 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
                 username: None,
                 password: None,
                 keep_alive_secs: 30,
+                ca_file: None,
+                envelope: false,
                 retry: RetryConfig::default(),
             })
         );
@@ -1448,6 +1470,21 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
             "{}",
             error(bad, &[])
         );
+        let good = "backends:\n  m: {type: mqtt, url: \"mqtts://h\", client_id: w, protocol: \"3.1.1\", envelope: true, ca_file: ca.pem}\n";
+        parse_with_env(good, "t.yaml", |_| None).unwrap();
+        let bad = "backends:\n  m: {type: mqtt, url: \"mqtt://h\", client_id: w, envelope: true}\n";
+        assert!(
+            error(bad, &[]).contains("envelope: only with protocol \"3.1.1\""),
+            "{}",
+            error(bad, &[])
+        );
+        let bad =
+            "backends:\n  m: {type: mqtt, url: \"mqtt://h\", client_id: w, ca_file: ca.pem}\n";
+        assert!(
+            error(bad, &[]).contains("ca_file: only with a `mqtts://` URL"),
+            "{}",
+            error(bad, &[])
+        );
     }
 
     #[test]
@@ -1467,6 +1504,7 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
                 dead_letter_stream: None,
                 max_deliveries: 10,
                 claim_idle_ms: 30_000,
+                ca_file: None,
                 retry: RetryConfig::default(),
             })
         );
@@ -1479,6 +1517,14 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
         let bad = "backends:\n  s: {type: redis, url: \"http://h\"}\n";
         assert!(
             error(bad, &[]).contains("expected `redis://` or `rediss://`"),
+            "{}",
+            error(bad, &[])
+        );
+        let good = "backends:\n  s: {type: redis, url: \"rediss://h:6380\", ca_file: ca.pem}\n";
+        parse_with_env(good, "t.yaml", |_| None).unwrap();
+        let bad = "backends:\n  s: {type: redis, url: \"redis://h\", ca_file: ca.pem}\n";
+        assert!(
+            error(bad, &[]).contains("ca_file: only with a `rediss://` URL"),
             "{}",
             error(bad, &[])
         );

@@ -58,6 +58,16 @@ pub async fn run_interop_script(
     server: &ServerHandle,
     limit: std::time::Duration,
 ) -> String {
+    run_interop_script_with_args(script, server, &[], limit).await
+}
+
+/// [`run_interop_script`] with more arguments after `--host` and `--port`.
+pub async fn run_interop_script_with_args(
+    script: &str,
+    server: &ServerHandle,
+    args: &[&str],
+    limit: std::time::Duration,
+) -> String {
     let python = interop_python();
     let script = workspace_root().join(script);
     assert!(script.exists(), "missing {}", script.display());
@@ -67,6 +77,7 @@ pub async fn run_interop_script(
         .arg("127.0.0.1")
         .arg("--port")
         .arg(server.local_addr().port().to_string())
+        .args(args)
         .current_dir(workspace_root())
         .env("PYTHONUNBUFFERED", "1")
         .env("PYTHONDONTWRITEBYTECODE", "1")

@@ -16,7 +16,11 @@
 //! | `message-id`, `type`, `app-id`, `user-id`, `content-encoding`, `timestamp`, `priority`, `delivery-mode` | user property `x-amqp-<name>` | the property |
 //! | —                           | RETAIN flag                           | header `x-mqtt-retain = "true"` when set |
 //!
-//! MQTT 3.1.1 has no properties: only the topic, the payload and RETAIN travel.
+//! MQTT 3.1.1 has no properties: only the topic, the payload and RETAIN travel (RETAIN still
+//! from header `x-mqtt-retain`, and back as that header). Every other property and header is
+//! dropped, unless the backend's `envelope` is on: then the payload is Warren's envelope
+//! ([`wrap`], [`unwrap`]), which carries the AMQP property block (headers included, with their
+//! types) in front of the body.
 
 use amq_protocol::protocol::basic::AMQPProperties;
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -93,8 +97,82 @@ fn header_text(value: &AMQPValue) -> Option<String> {
     })
 }
 
+/// Whether a message asks for the RETAIN flag: header `x-mqtt-retain` `true`/`1`.
+pub fn retain(message: &Message) -> bool {
+    message.headers().is_some_and(|h| {
+        h.inner()
+            .get(RETAIN_HEADER)
+            .is_some_and(|v| matches!(header_text(v).as_deref(), Some("true" | "1")))
+    })
+}
+
+/// The first bytes of an enveloped payload: a marker no text payload starts with, and the
+/// envelope's version.
+pub const ENVELOPE_MAGIC: &[u8; 8] = b"\0WARREN\x01";
+
+/// Warren's MQTT 3.1.1 envelope around `message`: [`ENVELOPE_MAGIC`], the length of the
+/// property block as a 4-byte big-endian integer, the AMQP 0-9-1 basic property block as in a
+/// content header (flags, then values; headers keep their types), then the body.
+pub fn wrap(message: &Message) -> Bytes {
+    let block = message.raw_properties();
+    let body = message.body();
+    let mut out = Vec::with_capacity(ENVELOPE_MAGIC.len() + 4 + block.len() + body.len());
+    out.extend_from_slice(ENVELOPE_MAGIC);
+    out.extend_from_slice(&(block.len() as u32).to_be_bytes());
+    out.extend_from_slice(block);
+    out.extend_from_slice(body);
+    Bytes::from(out)
+}
+
+/// The properties and body of an enveloped payload; `None` when `payload` is not one (another
+/// producer's message: its payload is the body as it is).
+pub fn unwrap(payload: &Bytes) -> Option<(AMQPProperties, Bytes)> {
+    let rest = payload.strip_prefix(&ENVELOPE_MAGIC[..])?;
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let block = rest.get(4..4usize.checked_add(len)?)?;
+    let (left, properties) = amq_protocol::protocol::basic::parse_properties(block).ok()?;
+    if !left.is_empty() {
+        return None;
+    }
+    let start = ENVELOPE_MAGIC.len() + 4 + len;
+    Some((properties, payload.slice(start..)))
+}
+
+/// The message an MQTT 3.1.1 PUBLISH stands for: with `envelope`, an enveloped payload gives
+/// back every property; otherwise (or for a payload that is no envelope) the payload is the
+/// body and there are no properties. RETAIN sets header `x-mqtt-retain = "true"` either way.
+pub fn from_mqtt311(routing_key: &str, payload: Bytes, retain: bool, envelope: bool) -> Message {
+    let plain = Props {
+        retain,
+        ..Props::default()
+    };
+    if !envelope {
+        return from_mqtt(routing_key, payload, &plain);
+    }
+    match unwrap(&payload) {
+        Some((mut p, body)) => {
+            if retain {
+                let mut headers = p.headers().clone().unwrap_or_default();
+                headers.insert(
+                    RETAIN_HEADER.into(),
+                    AMQPValue::LongString(LongString::from("true")),
+                );
+                p = p.with_headers(headers);
+            }
+            Message::new("".into(), routing_key.into(), p, body)
+        }
+        None => {
+            tracing::debug!(
+                routing_key,
+                "mqtt bridge: payload is no Warren envelope; taken as the body, no properties"
+            );
+            from_mqtt(routing_key, payload, &plain)
+        }
+    }
+}
+
 pub fn to_mqtt(message: &Message) -> Props {
-    let p = &message.properties;
+    let p = message.properties();
     let mut out = Props {
         content_type: p.content_type().as_ref().map(|v| v.as_str().to_string()),
         correlation_data: p
@@ -285,8 +363,8 @@ mod tests {
         assert!(props.retain);
         assert_eq!(props.message_expiry_interval, Some(2));
         assert_eq!(props.correlation_data.as_deref(), Some(&b"c1"[..]));
-        let back = from_mqtt("a.b", m.body.clone(), &props);
-        let bp = &back.properties;
+        let back = from_mqtt("a.b", m.body_bytes(), &props);
+        let bp = back.properties();
         assert_eq!(bp.content_type().as_ref().unwrap().as_str(), "text/plain");
         assert_eq!(bp.correlation_id().as_ref().unwrap().as_str(), "c1");
         assert_eq!(bp.reply_to().as_ref().unwrap().as_str(), "replies/x");
@@ -301,5 +379,55 @@ mod tests {
             h.get(RETAIN_HEADER),
             Some(&AMQPValue::LongString("true".into()))
         );
+    }
+
+    #[test]
+    fn envelope_round_trip() {
+        let mut h = FieldTable::default();
+        h.insert("n".into(), AMQPValue::LongLongInt(-7));
+        h.insert("tenant".into(), AMQPValue::LongString("acme".into()));
+        let p = AMQPProperties::default()
+            .with_content_type("application/json".into())
+            .with_reply_to("replies".into())
+            .with_delivery_mode(2)
+            .with_headers(h);
+        let m = Message::new(
+            "x".into(),
+            "a.b".into(),
+            p.clone(),
+            Bytes::from_static(b"{}"),
+        );
+        let payload = wrap(&m);
+        assert!(payload.starts_with(ENVELOPE_MAGIC));
+        let back = from_mqtt311("a.b", payload.clone(), false, true);
+        assert_eq!(back.properties(), p, "headers keep their types");
+        assert_eq!(back.body(), b"{}");
+        assert_eq!(back.routing_key(), "a.b");
+        // Retained: the header is added.
+        let back = from_mqtt311("a.b", payload.clone(), true, true);
+        let headers = back.headers().unwrap();
+        let headers = headers.inner();
+        assert_eq!(headers.get("n"), Some(&AMQPValue::LongLongInt(-7)));
+        assert_eq!(
+            headers.get(RETAIN_HEADER),
+            Some(&AMQPValue::LongString("true".into()))
+        );
+        // Without the envelope option the envelope is just bytes.
+        let raw = from_mqtt311("a.b", payload.clone(), false, false);
+        assert_eq!(raw.body(), &payload[..]);
+        assert_eq!(raw.properties(), AMQPProperties::default());
+        // Foreign and damaged payloads are bodies.
+        for foreign in [
+            &b"plain text"[..],
+            &b"\0WARREN\x01"[..],
+            &b"\0WARREN\x01\0\0\0\xff\0\0"[..],
+            &payload[..ENVELOPE_MAGIC.len() + 6],
+        ] {
+            let payload = Bytes::copy_from_slice(foreign);
+            let m = from_mqtt311("k", payload.clone(), false, true);
+            assert_eq!(m.body(), &payload[..]);
+            assert_eq!(m.properties(), AMQPProperties::default());
+        }
+        assert!(!retain(&m));
     }
 }

@@ -1,11 +1,14 @@
 //! The MQTT bridge: a `Backend` whose destinations and sources are topic roots on an MQTT
-//! broker, built on [rumqttc] (MQTT 5; `protocol: "3.1.1"` is refused for now).
+//! broker, built on [rumqttc]: MQTT 5 (default) or 3.1.1 (`protocol: "3.1.1"`; no properties,
+//! see [`mapping`] for what travels), over TCP (`mqtt://`) or TLS (`mqtts://`, rustls; the
+//! broker's certificate checked against `ca_file` or the system's trust store).
 //!
 //! # Task layout
 //!
 //! One **event-loop task** per bridge owns rumqttc's `EventLoop` (one connection, the fixed
-//! `client_id`, clean start off and a session expiry of one week, so the broker keeps the
-//! session, its subscriptions and the QoS 1 messages queued for it while Warren is away).
+//! `client_id`, clean start off and a session expiry of one week — MQTT 3.1.1: clean session
+//! off, kept as long as the broker keeps sessions — so the broker keeps the session, its
+//! subscriptions and the QoS 1 messages queued for it while Warren is away).
 //! The task polls the event loop; on a connection error it backs off (exponential with jitter)
 //! and polls again, which reconnects. rumqttc resends unacknowledged QoS 1 publishes itself
 //! when the session resumes.
@@ -32,6 +35,7 @@
 //! sessions across its own restarts (Mosquitto: `persistence true`). MQTT 5 brokers also
 //! limit the messages in flight to the bridge to its receive maximum (set to 65535).
 
+pub mod client;
 pub mod mapping;
 
 use std::collections::{HashMap, VecDeque};
@@ -41,11 +45,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use client::{Client, Event, EventLoop, Protocol, Received};
 use parking_lot::Mutex;
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
-use rumqttc::Outgoing;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use warren_backends::store::Guard;
@@ -95,7 +96,7 @@ enum Cmd {
     Publish(Pending),
     Subscribe {
         source: String,
-        tx: mpsc::UnboundedSender<Publish>,
+        tx: mpsc::UnboundedSender<Received>,
     },
 }
 
@@ -105,7 +106,8 @@ struct Shared {
     stats: MqttStats,
     health: Mutex<Health>,
     closed: watch::Sender<bool>,
-    client: AsyncClient,
+    client: Client,
+    protocol: Protocol,
 }
 
 impl Shared {
@@ -127,26 +129,6 @@ pub struct MqttBridge {
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// `(host, port, tls)` of an `mqtt://` / `mqtts://` URL.
-fn parse_url(url: &str) -> Result<(String, u16), String> {
-    let (scheme, rest) = url.split_once("://").ok_or("not a URL")?;
-    let default_port = match scheme {
-        "mqtt" => 1883,
-        "mqtts" => return Err("mqtts:// is not supported by this build (no TLS)".into()),
-        other => return Err(format!("scheme `{other}`; expected mqtt://")),
-    };
-    let authority = rest.split('/').next().unwrap_or_default();
-    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    match hostport.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() => Ok((
-            h.trim_matches(|c| c == '[' || c == ']').to_string(),
-            p.parse().map_err(|_| format!("bad port `{p}`"))?,
-        )),
-        _ if !hostport.is_empty() => Ok((hostport.to_string(), default_port)),
-        _ => Err("no host".into()),
-    }
-}
-
 impl MqttBridge {
     pub fn start(name: &str, config: &MqttBackend) -> Result<Arc<MqttBridge>, BridgeError> {
         let invalid = |reason: String| BridgeError::Config {
@@ -157,24 +139,32 @@ impl MqttBridge {
             tokio::runtime::Handle::try_current().map_err(|_| BridgeError::NoRuntime {
                 backend: name.to_string(),
             })?;
-        if config.protocol != "5" {
-            return Err(invalid(format!(
-                "protocol `{}`: only MQTT 5 is implemented so far",
-                config.protocol
-            )));
+        let protocol = Protocol::parse(&config.protocol).map_err(invalid)?;
+        if config.envelope && protocol != Protocol::V311 {
+            return Err(invalid("envelope: only with protocol \"3.1.1\"".into()));
         }
-        let (host, port) = parse_url(&config.url).map_err(|e| invalid(format!("url: {e}")))?;
-        let mut options = MqttOptions::new(config.client_id.clone(), host, port);
-        options
-            .set_keep_alive(Duration::from_secs(config.keep_alive_secs.max(5)))
-            .set_clean_start(false)
-            .set_session_expiry_interval(Some(7 * 24 * 3600))
-            .set_receive_maximum(Some(u16::MAX))
-            .set_manual_acks(true);
-        if let Some(user) = &config.username {
-            options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
+        let address = client::parse_url(&config.url).map_err(|e| invalid(format!("url: {e}")))?;
+        let tls = match (address.tls, &config.ca_file) {
+            (false, None) => None,
+            (false, Some(_)) => return Err(invalid("ca_file: only with an mqtts:// URL".into())),
+            (true, ca_file) => {
+                let pem = match ca_file {
+                    Some(path) => Some(crate::tls::read_ca_file(path).map_err(invalid)?),
+                    None => None,
+                };
+                Some(Arc::new(
+                    crate::tls::client_config(pem.as_deref()).map_err(invalid)?,
+                ))
+            }
+        };
+        if protocol == Protocol::V311 && !config.envelope {
+            tracing::info!(
+                backend = %name,
+                "mqtt bridge speaks MQTT 3.1.1 without envelope: only topic, payload and RETAIN \
+                 travel; AMQP properties and headers are dropped"
+            );
         }
-        let (client, eventloop) = AsyncClient::new(options, 10_000);
+        let (client, eventloop) = client::connect(config, protocol, &address, tls);
         let shared = Arc::new(Shared {
             name: name.to_string(),
             config: config.clone(),
@@ -182,6 +172,7 @@ impl MqttBridge {
             health: Mutex::new(Health::Degraded("connecting".into())),
             closed: watch::channel(false).0,
             client,
+            protocol,
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let task = runtime.spawn(run(shared.clone(), eventloop, rx));
@@ -204,10 +195,10 @@ struct Loop {
     /// Not requested yet (the request channel was full).
     waiting: VecDeque<Pending>,
     inflight: HashMap<u16, Pending>,
-    subs: Vec<(String, mpsc::UnboundedSender<Publish>)>,
+    subs: Vec<(String, mpsc::UnboundedSender<Received>)>,
     /// Messages the broker sent (from the persistent session) before their queue mapping
     /// subscribed: held unacknowledged for the first [`ORPHAN_GRACE`] after start.
-    orphans: Vec<Publish>,
+    orphans: Vec<Received>,
     started: std::time::Instant,
 }
 
@@ -217,21 +208,11 @@ const ORPHAN_GRACE: Duration = Duration::from_secs(60);
 impl Loop {
     fn request(&mut self) {
         while let Some(p) = self.waiting.pop_front() {
-            let props = PublishProperties {
-                content_type: p.props.content_type.clone(),
-                correlation_data: p.props.correlation_data.clone(),
-                response_topic: p.props.response_topic.clone(),
-                message_expiry_interval: p.props.message_expiry_interval,
-                user_properties: p.props.user_properties.clone(),
-                ..PublishProperties::default()
-            };
-            match self.shared.client.try_publish_with_properties(
-                p.topic.clone(),
-                QoS::AtLeastOnce,
-                p.props.retain,
-                p.payload.clone(),
-                props,
-            ) {
+            match self
+                .shared
+                .client
+                .try_publish(&p.topic, &p.payload, &p.props)
+            {
                 Ok(()) => self.requested.push_back(p),
                 Err(_) => {
                     self.waiting.push_front(p);
@@ -244,43 +225,41 @@ impl Loop {
     fn handle(&mut self, event: Event) {
         match event {
             // A first write (a resend after a reconnect reuses an id already in flight).
-            Event::Outgoing(Outgoing::Publish(pkid))
-                if pkid != 0 && !self.inflight.contains_key(&pkid) =>
-            {
+            Event::OutgoingPublish(pkid) if pkid != 0 && !self.inflight.contains_key(&pkid) => {
                 if let Some(p) = self.requested.pop_front() {
                     self.inflight.insert(pkid, p);
                 }
             }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(mut p) = self.inflight.remove(&ack.pkid) {
-                    if (ack.reason as u8) < 0x80 {
-                        self.shared.stats.confirmed.fetch_add(1, Ordering::Relaxed);
-                        p.guard.take();
-                    } else {
-                        self.shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-                        p.fail(&format!(
-                            "mqtt broker refused the message: {:?}",
-                            ack.reason
-                        ));
+            Event::PubAck { pkid, failure } => {
+                if let Some(mut p) = self.inflight.remove(&pkid) {
+                    match failure {
+                        None => {
+                            self.shared.stats.confirmed.fetch_add(1, Ordering::Relaxed);
+                            p.guard.take();
+                        }
+                        Some(reason) => {
+                            self.shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+                            p.fail(&format!("mqtt broker refused the message: {reason}"));
+                        }
                     }
                 }
             }
-            Event::Incoming(Packet::ConnAck(ack)) => {
+            Event::ConnAck { session_present } => {
                 self.shared
                     .stats
                     .connections
                     .fetch_add(1, Ordering::Relaxed);
                 self.shared.set_health(Health::Ready);
-                if !ack.session_present {
+                if !session_present {
                     for (source, _) in &self.subs {
                         let filter =
                             mapping::source_filter(&self.shared.config.topic_prefix, source);
-                        let _ = self.shared.client.try_subscribe(filter, QoS::AtLeastOnce);
+                        let _ = self.shared.client.try_subscribe(filter);
                     }
                 }
             }
-            Event::Incoming(Packet::Publish(publish)) => {
-                let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+            Event::Publish(publish) => {
+                let topic = publish.topic();
                 let prefix = &self.shared.config.topic_prefix;
                 let target = self
                     .subs
@@ -297,11 +276,11 @@ impl Loop {
                     None if self.started.elapsed() < ORPHAN_GRACE => self.orphans.push(publish),
                     None => {
                         tracing::warn!(backend = %self.shared.name, %topic, "mqtt bridge: message for no subscription; acknowledged and dropped");
-                        let _ = self.shared.client.try_ack(&publish);
+                        self.shared.client.ack(publish);
                     }
                 }
             }
-            _ => {}
+            Event::OutgoingPublish(_) | Event::Other => {}
         }
     }
 
@@ -323,9 +302,11 @@ impl Loop {
         };
         let ids: Vec<u16> = self.inflight.keys().copied().collect();
         for id in ids {
-            let give_up = spend(self.inflight.get_mut(&id).expect("key"));
+            let give_up = self.inflight.get_mut(&id).is_some_and(&spend);
             if give_up {
-                fail(self.inflight.remove(&id).expect("key"));
+                if let Some(p) = self.inflight.remove(&id) {
+                    fail(p);
+                }
             }
         }
         for queue in [&mut self.requested, &mut self.waiting] {
@@ -366,15 +347,14 @@ async fn run(shared: Arc<Shared>, mut eventloop: EventLoop, mut rx: mpsc::Unboun
                     state.subs.retain(|(s, tx)| *s != source && !tx.is_closed());
                     let prefix = &shared.config.topic_prefix;
                     for p in std::mem::take(&mut state.orphans) {
-                        let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                        if mapping::routing_key(prefix, &source, &topic).is_some() {
+                        if mapping::routing_key(prefix, &source, &p.topic()).is_some() {
                             let _ = tx.send(p);
                         } else {
                             state.orphans.push(p);
                         }
                     }
                     state.subs.push((source, tx));
-                    let _ = shared.client.try_subscribe(filter, QoS::AtLeastOnce);
+                    let _ = shared.client.try_subscribe(filter);
                 }
                 None => break,
             },
@@ -427,14 +407,28 @@ impl Backend for MqttBridge {
 
     fn publish(&self, destination: &str, message: Arc<Message>, guard: Guard) {
         self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
+        let (payload, props) = match self.shared.protocol {
+            Protocol::V5 => (message.body_bytes(), mapping::to_mqtt(&message)),
+            Protocol::V311 => {
+                let retain = mapping::Props {
+                    retain: mapping::retain(&message),
+                    ..mapping::Props::default()
+                };
+                if self.shared.config.envelope {
+                    (mapping::wrap(&message), retain)
+                } else {
+                    (message.body_bytes(), retain)
+                }
+            }
+        };
         let pending = Pending {
             topic: mapping::topic(
                 &self.shared.config.topic_prefix,
                 destination,
-                message.routing_key.as_str(),
+                message.routing_key(),
             ),
-            payload: message.body.clone(),
-            props: mapping::to_mqtt(&message),
+            payload,
+            props,
             attempts: 0,
             guard: Some(guard),
         };
@@ -496,9 +490,9 @@ impl Backend for MqttBridge {
 struct MqttSubscription {
     shared: Arc<Shared>,
     source: String,
-    rx: mpsc::UnboundedReceiver<Publish>,
-    requeue_tx: mpsc::UnboundedSender<Publish>,
-    requeue_rx: mpsc::UnboundedReceiver<Publish>,
+    rx: mpsc::UnboundedReceiver<Received>,
+    requeue_tx: mpsc::UnboundedSender<Received>,
+    requeue_rx: mpsc::UnboundedReceiver<Received>,
     credit: Arc<Semaphore>,
 }
 
@@ -514,28 +508,24 @@ impl Subscription for MqttSubscription {
             biased;
             _ = until_closed(&mut closed) => return None,
             p = self.requeue_rx.recv() => (p?, true),
-            p = self.rx.recv() => { let p = p?; let dup = p.dup; (p, dup) }
+            p = self.rx.recv() => { let p = p?; let dup = p.dup(); (p, dup) }
         };
-        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-        let routing_key =
-            mapping::routing_key(&self.shared.config.topic_prefix, &self.source, &topic)
-                .unwrap_or_default();
-        let props = publish
-            .properties
-            .as_ref()
-            .map(|p| mapping::Props {
-                retain: publish.retain,
-                content_type: p.content_type.clone(),
-                correlation_data: p.correlation_data.clone(),
-                response_topic: p.response_topic.clone(),
-                message_expiry_interval: p.message_expiry_interval,
-                user_properties: p.user_properties.clone(),
-            })
-            .unwrap_or(mapping::Props {
-                retain: publish.retain,
-                ..mapping::Props::default()
-            });
-        let message = mapping::from_mqtt(&routing_key, publish.payload.clone(), &props);
+        let routing_key = mapping::routing_key(
+            &self.shared.config.topic_prefix,
+            &self.source,
+            &publish.topic(),
+        )
+        .unwrap_or_default();
+        let props = publish.props();
+        let message = match self.shared.protocol {
+            Protocol::V5 => mapping::from_mqtt(&routing_key, publish.payload(), &props),
+            Protocol::V311 => mapping::from_mqtt311(
+                &routing_key,
+                publish.payload(),
+                props.retain,
+                self.shared.config.envelope,
+            ),
+        };
         Some(Incoming {
             message,
             redelivered,
@@ -551,9 +541,9 @@ impl Subscription for MqttSubscription {
 }
 
 struct MqttSettle {
-    client: AsyncClient,
-    publish: Mutex<Option<Publish>>,
-    requeue: mpsc::UnboundedSender<Publish>,
+    client: Client,
+    publish: Mutex<Option<Received>>,
+    requeue: mpsc::UnboundedSender<Received>,
     permit: Mutex<Option<OwnedSemaphorePermit>>,
     settled: AtomicBool,
 }
@@ -565,14 +555,7 @@ impl MqttSettle {
         };
         let permit = self.permit.lock().take();
         match outcome {
-            Settlement::Ack | Settlement::Reject => {
-                if self.client.try_ack(&publish).is_err() {
-                    let client = self.client.clone();
-                    tokio::spawn(async move {
-                        let _ = client.ack(&publish).await;
-                    });
-                }
-            }
+            Settlement::Ack | Settlement::Reject => self.client.ack(publish),
             Settlement::Requeue => {
                 // Unacknowledged at the broker; delivered again here. If the subscription is
                 // gone, the broker sends it again when the session resumes.
@@ -618,17 +601,4 @@ fn backoff_delay(retry: &warren_config::file::RetryConfig, failures: u32) -> Dur
         rand::Rng::gen_range(&mut rand::thread_rng(), floor..=ceiling)
     };
     Duration::from_millis(ms)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls() {
-        assert_eq!(parse_url("mqtt://h:1889").unwrap(), ("h".to_string(), 1889));
-        assert_eq!(parse_url("mqtt://u:p@h").unwrap(), ("h".to_string(), 1883));
-        assert!(parse_url("mqtts://h").is_err());
-        assert!(parse_url("http://h").is_err());
-    }
 }

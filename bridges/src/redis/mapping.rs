@@ -38,12 +38,12 @@ pub const HEADER_PREFIX: &str = "h.";
 
 /// The fields of the entry `message` is written as, in this order.
 pub fn to_fields(message: &Message) -> Vec<(String, Vec<u8>)> {
-    let p = &message.properties;
+    let p = message.properties();
     let mut out: Vec<(String, Vec<u8>)> = Vec::with_capacity(8);
-    out.push(("body".into(), message.body.to_vec()));
+    out.push(("body".into(), message.body().to_vec()));
     out.push((
         "routing_key".into(),
-        message.routing_key.as_str().as_bytes().to_vec(),
+        message.routing_key().as_bytes().to_vec(),
     ));
     let mut text = |name: &str, value: Option<String>| {
         if let Some(v) = value {
@@ -208,9 +208,9 @@ mod tests {
             Bytes::from_static(b"\0hi"),
         );
         let back = round_trip(&m);
-        assert_eq!(back.body, m.body);
-        assert_eq!(back.routing_key.as_str(), "a.b");
-        assert_eq!(back.properties, p);
+        assert_eq!(back.body(), m.body());
+        assert_eq!(back.routing_key(), "a.b");
+        assert_eq!(back.properties(), p);
     }
 
     #[test]
@@ -229,7 +229,8 @@ mod tests {
         assert!(fields.iter().any(|(k, v)| k == "h.n" && v == b"-42"));
         assert!(!fields.iter().any(|(k, _)| k == "h.t"));
         let back = round_trip(&m);
-        let h = back.headers().unwrap().inner();
+        let h = back.headers().unwrap();
+        let h = h.inner();
         assert_eq!(h.get("n"), Some(&AMQPValue::LongString("-42".into())));
         assert_eq!(h.get("b"), Some(&AMQPValue::LongString("true".into())));
         assert_eq!(h.len(), 2);
@@ -238,14 +239,15 @@ mod tests {
     #[test]
     fn a_foreign_entry_with_only_a_body() {
         let m = from_fields("orders", [("body", &b"hello"[..])]);
-        assert_eq!(&m.body[..], b"hello");
-        assert_eq!(m.routing_key.as_str(), "orders");
-        assert_eq!(m.properties, AMQPProperties::default());
+        assert_eq!(m.body(), b"hello");
+        assert_eq!(m.routing_key(), "orders");
+        assert_eq!(m.properties(), AMQPProperties::default());
 
         let m = from_fields("orders", [("user", &b"42"[..]), ("priority", &b"x"[..])]);
-        assert!(m.body.is_empty());
-        let h = m.headers().unwrap().inner();
+        assert!(m.body().is_empty());
+        let h = m.headers().unwrap();
+        let h = h.inner();
         assert_eq!(h.get("user"), Some(&AMQPValue::LongString("42".into())));
-        assert_eq!(m.properties.priority(), &None);
+        assert_eq!(m.properties().priority(), &None);
     }
 }

@@ -261,6 +261,31 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// The redis crate's client for `config.url`: `rediss://` is TLS (rustls), the server's
+/// certificate checked against the certificates of `ca_file` or, without one, the system's
+/// trust store.
+fn client(config: &RedisBackend) -> Result<redis::Client, String> {
+    let tls = config.url.starts_with("rediss://");
+    if tls {
+        crate::tls::install_default_provider();
+    }
+    match (&config.ca_file, tls) {
+        (None, _) => redis::Client::open(config.url.as_str()).map_err(|e| format!("url: {e}")),
+        (Some(_), false) => Err("ca_file: only with a rediss:// URL".into()),
+        (Some(path), true) => {
+            let root_cert = crate::tls::read_ca_file(path)?;
+            redis::Client::build_with_tls(
+                config.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )
+            .map_err(|e| format!("url: {e}"))
+        }
+    }
+}
+
 /// The Redis Streams bridge. Build one with [`RedisBridge::start`] (or [`crate::build`]).
 pub struct RedisBridge {
     shared: Arc<Shared>,
@@ -280,8 +305,7 @@ impl RedisBridge {
             tokio::runtime::Handle::try_current().map_err(|_| BridgeError::NoRuntime {
                 backend: name.to_string(),
             })?;
-        let client =
-            redis::Client::open(config.url.as_str()).map_err(|e| invalid(format!("url: {e}")))?;
+        let client = client(config).map_err(invalid)?;
         if config.max_deliveries == 0 {
             return Err(invalid("max_deliveries must be at least 1".into()));
         }

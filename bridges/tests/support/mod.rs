@@ -101,3 +101,17 @@ pub fn broker_lock(dir: &str, exclusive: bool) -> std::fs::File {
     }
     file
 }
+
+/// The test broker's TLS URL and CA file from `url_var` and `ca_var` (scripts/test.sh sets
+/// both from `scripts/<script>.sh tls-url` and `ca-file`); the tests fail loudly without them.
+pub fn tls_env(url_var: &str, ca_var: &str, script: &str) -> (String, String) {
+    match (std::env::var(url_var), std::env::var(ca_var)) {
+        (Ok(url), Ok(ca)) if !url.is_empty() && !ca.is_empty() => (url, ca),
+        _ => panic!(
+            "\n\n{url_var} and {ca_var} must be set: these tests need the test broker's TLS \
+             listener.\n\n    scripts/{script}.sh start\n    \
+             export {url_var}=$(scripts/{script}.sh tls-url) {ca_var}=$(scripts/{script}.sh ca-file)\n\n\
+             (scripts/test.sh does both.)\n"
+        ),
+    }
+}
