@@ -357,15 +357,21 @@ if [ "$BENCH_MEMORY" = 1 ]; then
         IDLE_PID=""
         sleep 5
 
-        before=$(rss_kib "$pid")
-        bench "$broker" "M2 fill" "publish $BENCH_QUEUED × 16 B transient, confirms" 1 \
-            --mode publish-only --count "$BENCH_QUEUED" --size 16 --confirm 1000 --queue-prefix bench-m2
-        sleep 5
-        queued=$(rss_kib "$pid")
-        record "$broker" M2 "$BENCH_QUEUED queued 16 B transient messages" \
-            rss_mib="$(mib "$queued")" delta_mib="$(mib $((queued - before)))"
-        "$BENCH" --addr "127.0.0.1:$(port_of "$broker")" --mode delete --queue-prefix bench-m2 -q \
-            >/dev/null
+        # Filled and deleted BENCH_RUNS times: the later fills show whether memory freed by a
+        # deleted queue is reused (an allocator that keeps it per thread grows each time).
+        for run in $(seq 1 "$BENCH_RUNS"); do
+            before=$(rss_kib "$pid")
+            bench "$broker" "M2 fill" "publish $BENCH_QUEUED × 16 B transient, confirms" "$run" \
+                --mode publish-only --count "$BENCH_QUEUED" --size 16 --confirm 1000 \
+                --queue-prefix bench-m2
+            sleep 5
+            queued=$(rss_kib "$pid")
+            record "$broker" M2 "$BENCH_QUEUED queued 16 B transient messages" \
+                rss_mib="$(mib "$queued")" delta_mib="$(mib $((queued - before)))"
+            "$BENCH" --addr "127.0.0.1:$(port_of "$broker")" --mode delete \
+                --queue-prefix bench-m2 -q >/dev/null
+            sleep 5
+        done
     done
 fi
 

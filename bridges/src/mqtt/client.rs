@@ -34,9 +34,29 @@ pub struct Address {
     pub host: String,
     pub port: u16,
     pub tls: bool,
+    /// `user:password@` of the URL, percent-decoded.
+    pub credentials: Option<(String, String)>,
 }
 
-/// Parses `mqtt://host[:port]` (1883) or `mqtts://host[:port]` (8883).
+/// `%XX` escapes decoded; `None` for a malformed escape or a result that is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Parses `mqtt://[user:password@]host[:port]` (1883) or `mqtts://…` (8883).
 pub fn parse_url(url: &str) -> Result<Address, String> {
     let (scheme, rest) = url.split_once("://").ok_or("not a URL")?;
     let (default_port, tls) = match scheme {
@@ -45,7 +65,18 @@ pub fn parse_url(url: &str) -> Result<Address, String> {
         other => return Err(format!("scheme `{other}`; expected mqtt:// or mqtts://")),
     };
     let authority = rest.split('/').next().unwrap_or_default();
-    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let credentials = match userinfo {
+        None => None,
+        Some(u) => {
+            let (user, pass) = u.split_once(':').unwrap_or((u, ""));
+            let decode = |t: &str| percent_decode(t).ok_or("bad %-escape in the user or password");
+            Some((decode(user)?, decode(pass)?))
+        }
+    };
     let (host, port) = match hostport.rsplit_once(':') {
         // `[::1]` alone: the colon is inside the brackets.
         Some((h, p)) if !h.is_empty() && !p.ends_with(']') => {
@@ -61,6 +92,7 @@ pub fn parse_url(url: &str) -> Result<Address, String> {
         host: host.to_string(),
         port,
         tls,
+        credentials,
     })
 }
 
@@ -159,10 +191,12 @@ pub fn connect(
 ) -> (Client, EventLoop) {
     let keep_alive = Duration::from_secs(config.keep_alive_secs.max(5));
     let transport = tls.map(|c| Transport::tls_with_config(TlsConfiguration::Rustls(c)));
+    // `username`/`password` win over credentials in the URL.
     let credentials = config
         .username
         .as_ref()
-        .map(|user| (user.clone(), config.password.clone().unwrap_or_default()));
+        .map(|user| (user.clone(), config.password.clone().unwrap_or_default()))
+        .or_else(|| address.credentials.clone());
     match protocol {
         Protocol::V5 => {
             let mut options = rumqttc::v5::MqttOptions::new(
@@ -337,9 +371,17 @@ mod tests {
             host: host.into(),
             port,
             tls,
+            credentials: None,
         };
         assert_eq!(parse_url("mqtt://h:1889").unwrap(), a("h", 1889, false));
-        assert_eq!(parse_url("mqtt://u:p@h").unwrap(), a("h", 1883, false));
+        assert_eq!(
+            parse_url("mqtt://u:p%40ss@h").unwrap(),
+            Address {
+                credentials: Some(("u".into(), "p@ss".into())),
+                ..a("h", 1883, false)
+            }
+        );
+        assert!(parse_url("mqtt://u:%zz@h").is_err());
         assert_eq!(parse_url("mqtts://h").unwrap(), a("h", 8883, true));
         assert_eq!(
             parse_url("mqtts://127.0.0.1:1890/").unwrap(),
