@@ -62,6 +62,11 @@ start() {
     install
     mkdir -p "$DIR/data"
     "$ROOT/scripts/tls-certs.sh" "$TLS_DIR"
+    if running && ! listening "$TLS_PORT"; then
+        # Started by an older version of this script, without the TLS listener.
+        log "restarting mosquitto to add its TLS listener on port $TLS_PORT"
+        stop
+    fi
     if ! running; then
         {
             echo "listener $PORT 127.0.0.1"

@@ -56,6 +56,11 @@ start() {
     install
     mkdir -p "$DIR"
     "$ROOT/scripts/tls-certs.sh" "$TLS_DIR"
+    if running && ! (exec 3<>"/dev/tcp/127.0.0.1/$TLS_PORT") 2>/dev/null; then
+        # Started by an older version of this script, without the TLS port.
+        log "restarting redis-server to add its TLS port $TLS_PORT"
+        stop
+    fi
     if ! running; then
         redis-server --bind 127.0.0.1 --port "$PORT" --daemonize yes --dir "$DIR" \
             --pidfile "$DIR/redis.pid" --logfile "$DIR/redis.log" \
