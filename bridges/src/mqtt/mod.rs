@@ -32,8 +32,10 @@
 //!
 //! At-least-once therefore holds while the broker keeps the session: as long as the session
 //! has not expired, the client id is not used by another client, and the broker persists
-//! sessions across its own restarts (Mosquitto: `persistence true`). MQTT 5 brokers also
-//! limit the messages in flight to the bridge to its receive maximum (set to 65535).
+//! sessions across its own restarts (Mosquitto: `persistence true`, which writes its state at
+//! shutdown and every `autosave_interval`: a broker crash loses what was PUBACKed since the
+//! last save). MQTT 5 brokers also limit the messages in flight to the bridge to its receive
+//! maximum (set to 65535); the 3.1.1 client keeps at most 1000 publishes in flight.
 
 pub mod client;
 pub mod mapping;
