@@ -5,7 +5,8 @@
 # with pika at target/pyenv (installing Debian's python3-venv with apt-get if needed), exports
 # WARREN_PYTHON for the interop test, starts a private RabbitMQ node for the bridge tests
 # (scripts/rabbitmq.sh, exporting WARREN_TEST_RABBITMQ_URL), a private Redis (scripts/redis.sh,
-# WARREN_TEST_REDIS_URL) and a private Mosquitto (scripts/mosquitto.sh, WARREN_TEST_MQTT_URL),
+# WARREN_TEST_REDIS_URL), a private Mosquitto (scripts/mosquitto.sh, WARREN_TEST_MQTT_URL) and a
+# private moto SQS server (scripts/moto.sh, WARREN_TEST_SQS_URL),
 # then runs every test target with cargo nextest when it is installed (cargo test otherwise), plus doc tests if the workspace
 # has any.
 set -euo pipefail
@@ -114,6 +115,15 @@ WARREN_TEST_MQTT_URL=$(scripts/mosquitto.sh start)
 WARREN_TEST_MQTTS_URL=$(scripts/mosquitto.sh tls-url)
 WARREN_TEST_MQTT_CA=$(scripts/mosquitto.sh ca-file)
 export WARREN_TEST_MQTT_URL WARREN_TEST_MQTTS_URL WARREN_TEST_MQTT_CA
+
+# --- moto (a local SQS-compatible server) for the SQS bridge tests ---------------------------
+
+# A private server on port 4576 (target/moto/; pip-installs moto[server] into target/pyenv if
+# missing), stopped with the others: the EXIT trap is extended again.
+exit_trap=$(trap -p EXIT | sed -E -e "s/^trap -- '(.*)' EXIT\$/\\1/" -e "s/'\\\\''/'/g")
+trap "${exit_trap:+$exit_trap; }scripts/moto.sh stop >/dev/null 2>&1 || true" EXIT
+WARREN_TEST_SQS_URL=$(scripts/moto.sh start)
+export WARREN_TEST_SQS_URL
 
 # --- Rust tests ------------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@
 //!   RabbitMQ's AMQP 1.0 plugin, Artemis), see [`amqp10`].
 //! - `redis` (cargo feature `redis`, on by default): Redis Streams, see [`redis`].
 //! - `mqtt` (cargo feature `mqtt`, on by default): an MQTT 5 or 3.1.1 broker, see [`mqtt`].
+//! - `sqs` (cargo feature `sqs`, on by default): Amazon SQS (or a local SQS-compatible server),
+//!   see [`sqs`].
 
 use std::sync::Arc;
 
@@ -25,6 +27,8 @@ pub mod mqtt;
 pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "sqs")]
+pub mod sqs;
 #[cfg(any(feature = "mqtt", feature = "redis"))]
 mod tls;
 
@@ -62,6 +66,11 @@ pub fn build(name: &str, config: &BackendConfig) -> Result<Arc<dyn Backend>, Bri
         #[cfg(feature = "redis")]
         BackendConfig::Redis(cfg) => {
             let bridge = redis::RedisBridge::start(name, cfg)?;
+            Ok(bridge)
+        }
+        #[cfg(feature = "sqs")]
+        BackendConfig::Sqs(cfg) => {
+            let bridge = sqs::SqsBridge::start(name, cfg)?;
             Ok(bridge)
         }
         #[allow(unreachable_patterns)]

@@ -48,6 +48,8 @@ pub enum BackendConfig {
     Redis(RedisBackend),
     /// An MQTT broker (3.1.1 or 5).
     Mqtt(MqttBackend),
+    /// Amazon SQS (or an SQS-compatible endpoint such as moto or LocalStack).
+    Sqs(SqsBackend),
 }
 
 impl BackendConfig {
@@ -57,6 +59,7 @@ impl BackendConfig {
             BackendConfig::Amqp10(_) => "amqp10",
             BackendConfig::Redis(_) => "redis",
             BackendConfig::Mqtt(_) => "mqtt",
+            BackendConfig::Sqs(_) => "sqs",
         }
     }
 
@@ -66,6 +69,7 @@ impl BackendConfig {
             BackendConfig::Amqp10(b) => &b.retry,
             BackendConfig::Redis(b) => &b.retry,
             BackendConfig::Mqtt(b) => &b.retry,
+            BackendConfig::Sqs(b) => &b.retry,
         }
     }
 }
@@ -237,6 +241,80 @@ fn default_claim_idle_ms() -> u64 {
     30_000
 }
 
+/// Amazon SQS: destinations and sources are queue names (resolved with GetQueueUrl) or queue
+/// URLs. Region and credentials come from the standard AWS chain unless given here.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqsBackend {
+    /// `http(s)://host[:port]` of an SQS-compatible server (moto, LocalStack, ElasticMQ).
+    /// Default: AWS's own endpoint for the region.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// The AWS region (e.g. `eu-west-1`). Default: the standard chain (`AWS_REGION`,
+    /// `AWS_DEFAULT_REGION`, the profile, instance metadata).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Static credentials, both or neither. Default: the standard chain (environment, profile,
+    /// web identity, ECS/EC2 roles).
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+    /// With static credentials only: a session token (temporary credentials).
+    #[serde(default)]
+    pub session_token: Option<String>,
+    /// The largest message sent (body, as sent, plus attributes), and the most one
+    /// SendMessageBatch carries. A larger message fails at once. Default 262144 (256 KiB); SQS
+    /// allows up to 1048576 on queues configured for it.
+    #[serde(default = "default_sqs_max_message_size")]
+    pub max_message_size: u64,
+    /// SendMessageBatch calls in flight at once per standard queue (a FIFO queue always has one,
+    /// to keep its order).
+    #[serde(default = "default_sqs_batches_in_flight")]
+    pub max_batches_in_flight: usize,
+    /// How long one ReceiveMessage waits for messages (long polling), 0–20 seconds.
+    #[serde(default = "default_sqs_wait_time")]
+    pub wait_time_secs: u32,
+    /// The visibility timeout received messages get. Warren extends it while the AMQP client
+    /// holds the message, so it only matters when Warren dies holding messages: they come back
+    /// after this long.
+    #[serde(default = "default_sqs_visibility_timeout")]
+    pub visibility_timeout_secs: u32,
+    /// FIFO queues: the header whose value is the MessageGroupId.
+    #[serde(default = "default_sqs_group_id_header")]
+    pub group_id_header: String,
+    /// FIFO queues: the MessageGroupId of messages without that header. Default: the routing key
+    /// (`default` when it is empty).
+    #[serde(default)]
+    pub default_group_id: Option<String>,
+    /// FIFO queues: the header whose value is the MessageDeduplicationId. Without it, the
+    /// message-id property; without that, an id Warren makes once per message (kept across
+    /// resends, so SQS drops a resent copy within its 5-minute deduplication window).
+    #[serde(default = "default_sqs_dedup_header")]
+    pub deduplication_id_header: String,
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+fn default_sqs_max_message_size() -> u64 {
+    256 * 1024
+}
+fn default_sqs_batches_in_flight() -> usize {
+    10
+}
+fn default_sqs_wait_time() -> u32 {
+    20
+}
+fn default_sqs_visibility_timeout() -> u32 {
+    30
+}
+fn default_sqs_group_id_header() -> String {
+    "x-message-group-id".into()
+}
+fn default_sqs_dedup_header() -> String {
+    "x-deduplication-id".into()
+}
+
 /// How long a bridge keeps trying before it gives up on a message (basic.nack to the publisher).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -352,6 +430,7 @@ enum BackendKind {
     Amqp10,
     Redis,
     Mqtt,
+    Sqs,
 }
 
 impl<'de> Deserialize<'de> for BackendConfig {
@@ -396,6 +475,7 @@ impl<'de> Visitor<'de> for BackendVisitor {
             BackendKind::Amqp10 => Amqp10Backend::deserialize(rest).map(BackendConfig::Amqp10),
             BackendKind::Redis => RedisBackend::deserialize(rest).map(BackendConfig::Redis),
             BackendKind::Mqtt => MqttBackend::deserialize(rest).map(BackendConfig::Mqtt),
+            BackendKind::Sqs => SqsBackend::deserialize(rest).map(BackendConfig::Sqs),
         }
     }
 }

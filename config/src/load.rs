@@ -505,6 +505,7 @@ fn check(cfg: &ConfigFile) -> Result<(), Problem> {
             BackendConfig::Amqp10(b) => check_amqp10(b).map_err(|(k, m)| problem(at(&k), m))?,
             BackendConfig::Redis(b) => check_redis(b).map_err(|(k, m)| problem(at(&k), m))?,
             BackendConfig::Mqtt(b) => check_mqtt(b).map_err(|(k, m)| problem(at(&k), m))?,
+            BackendConfig::Sqs(b) => check_sqs(b).map_err(|(k, m)| problem(at(&k), m))?,
         }
         let retry = backend.retry();
         if retry.initial_backoff_ms > retry.max_backoff_ms {
@@ -702,6 +703,100 @@ fn check_mqtt(b: &crate::file::MqttBackend) -> Result<(), (Vec<&'static str>, St
     }
     if b.keep_alive_secs > u64::from(u16::MAX) {
         return Err((vec!["keep_alive_secs"], "at most 65535".into()));
+    }
+    Ok(())
+}
+
+/// An sqs backend's own checks: `(path below the backend, message)`. Messages never repeat a
+/// credential.
+fn check_sqs(b: &crate::file::SqsBackend) -> Result<(), (Vec<&'static str>, String)> {
+    if let Some(endpoint) = &b.endpoint_url {
+        let url = url::Url::parse(endpoint)
+            .map_err(|e| (vec!["endpoint_url"], format!("not a valid URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err((
+                vec!["endpoint_url"],
+                format!(
+                    "the scheme is `{}`; expected `http://` or `https://`",
+                    url.scheme()
+                ),
+            ));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err((
+                vec!["endpoint_url"],
+                "the URL has no host (expected http://host:port)".into(),
+            ));
+        }
+    }
+    if b.region.as_deref() == Some("") {
+        return Err((
+            vec!["region"],
+            "must not be empty (leave it out for the standard AWS chain)".into(),
+        ));
+    }
+    match (&b.access_key_id, &b.secret_access_key) {
+        (Some(_), None) => {
+            return Err((
+                vec!["access_key_id"],
+                "needs `secret_access_key` too (or leave both out for the standard AWS chain)"
+                    .into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err((
+                vec!["secret_access_key"],
+                "needs `access_key_id` too (or leave both out for the standard AWS chain)".into(),
+            ))
+        }
+        (Some(id), Some(_)) if id.is_empty() => {
+            return Err((vec!["access_key_id"], "must not be empty".into()))
+        }
+        _ => {}
+    }
+    if b.session_token.is_some() && b.access_key_id.is_none() {
+        return Err((
+            vec!["session_token"],
+            "only goes with `access_key_id` and `secret_access_key`".into(),
+        ));
+    }
+    if !(1024..=1024 * 1024).contains(&b.max_message_size) {
+        return Err((
+            vec!["max_message_size"],
+            "must be between 1024 and 1048576 (SQS's largest message)".into(),
+        ));
+    }
+    if b.max_batches_in_flight == 0 {
+        return Err((vec!["max_batches_in_flight"], "must be at least 1".into()));
+    }
+    if b.wait_time_secs > 20 {
+        return Err((
+            vec!["wait_time_secs"],
+            "at most 20 (SQS's longest poll)".into(),
+        ));
+    }
+    if !(1..=43_200).contains(&b.visibility_timeout_secs) {
+        return Err((
+            vec!["visibility_timeout_secs"],
+            "must be between 1 and 43200 (12 hours, SQS's limit)".into(),
+        ));
+    }
+    for (key, value) in [
+        ("group_id_header", &b.group_id_header),
+        ("deduplication_id_header", &b.deduplication_id_header),
+    ] {
+        if value.is_empty() {
+            return Err((vec![key], "must not be empty".into()));
+        }
+    }
+    if let Some(group) = &b.default_group_id {
+        if group.is_empty() || group.len() > 128 || !group.chars().all(|c| c.is_ascii_graphic()) {
+            return Err((
+                vec!["default_group_id"],
+                "must be 1 to 128 characters, letters, digits and punctuation (SQS's MessageGroupId)"
+                    .into(),
+            ));
+        }
     }
     Ok(())
 }
@@ -1534,6 +1629,76 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
             "{}",
             error(bad, &[])
         );
+    }
+
+    #[test]
+    fn sqs_example() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/sqs.yaml");
+        let cfg = load_with_env(
+            &path,
+            env(&[("WARREN_TARGET_URL", "http://localhost:4566")]),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.backends["queues"],
+            BackendConfig::Sqs(crate::file::SqsBackend {
+                endpoint_url: Some("http://localhost:4566".into()),
+                region: Some("us-east-1".into()),
+                access_key_id: None,
+                secret_access_key: None,
+                session_token: None,
+                max_message_size: 262_144,
+                max_batches_in_flight: 10,
+                wait_time_secs: 20,
+                visibility_timeout_secs: 30,
+                group_id_header: "x-message-group-id".into(),
+                default_group_id: None,
+                deduplication_id_header: "x-deduplication-id".into(),
+                retry: RetryConfig::default(),
+            })
+        );
+        assert_eq!(cfg.routes[0].destination, "demo");
+        assert_eq!(cfg.queues[0].source, "demo-in");
+        cfg.settings().unwrap();
+
+        for (bad, expected) in [
+            (
+                "backends:\n  q: {type: sqs, endpoint_url: \"ftp://h\"}\n",
+                "backends.q.endpoint_url: the scheme is `ftp`; expected `http://` or `https://`",
+            ),
+            (
+                "backends:\n  q: {type: sqs, access_key_id: a}\n",
+                "backends.q.access_key_id: needs `secret_access_key` too",
+            ),
+            (
+                "backends:\n  q: {type: sqs, session_token: t}\n",
+                "backends.q.session_token: only goes with",
+            ),
+            (
+                "backends:\n  q: {type: sqs, wait_time_secs: 21}\n",
+                "backends.q.wait_time_secs: at most 20",
+            ),
+            (
+                "backends:\n  q: {type: sqs, visibility_timeout_secs: 0}\n",
+                "backends.q.visibility_timeout_secs: must be between 1 and 43200",
+            ),
+            (
+                "backends:\n  q: {type: sqs, max_message_size: 2000000}\n",
+                "backends.q.max_message_size: must be between 1024 and 1048576",
+            ),
+            (
+                "backends:\n  q: {type: sqs, default_group_id: \"a b\"}\n",
+                "backends.q.default_group_id: must be 1 to 128 characters",
+            ),
+            (
+                "backends:\n  q: {type: sqs, queue_url: x}\n",
+                "unknown field `queue_url`",
+            ),
+        ] {
+            let err = error(bad, &[]);
+            assert!(err.contains(expected), "{err}");
+            assert!(err.starts_with("warren.yaml:2:"), "{err}");
+        }
     }
 
     #[test]
