@@ -4,7 +4,8 @@
 # Works on a fresh Debian/Ubuntu machine with only Rust installed: it creates a virtualenv
 # with pika at target/pyenv (installing Debian's python3-venv with apt-get if needed), exports
 # WARREN_PYTHON for the interop test, starts a private RabbitMQ node for the bridge tests
-# (scripts/rabbitmq.sh, exporting WARREN_TEST_RABBITMQ_URL), a private Redis (scripts/redis.sh,
+# (scripts/rabbitmq.sh, exporting WARREN_TEST_RABBITMQ_URL), the qpid-proton example broker
+# (scripts/qpid-broker.sh, WARREN_TEST_QPID_URL), a private Redis (scripts/redis.sh,
 # WARREN_TEST_REDIS_URL), a private Mosquitto (scripts/mosquitto.sh, WARREN_TEST_MQTT_URL) and a
 # private moto SQS server (scripts/moto.sh, WARREN_TEST_SQS_URL),
 # then runs every test target with cargo nextest when it is installed (cargo test otherwise), plus doc tests if the workspace
@@ -115,6 +116,15 @@ WARREN_TEST_MQTT_URL=$(scripts/mosquitto.sh start)
 WARREN_TEST_MQTTS_URL=$(scripts/mosquitto.sh tls-url)
 WARREN_TEST_MQTT_CA=$(scripts/mosquitto.sh ca-file)
 export WARREN_TEST_MQTT_URL WARREN_TEST_MQTTS_URL WARREN_TEST_MQTT_CA
+
+# --- qpid-proton example broker for the AMQP 1.0 bridge's second-peer tests ------------------
+
+# A private broker.py on port 5698 (target/qpid-broker/; installs Debian's python3-qpid-proton
+# and libqpid-proton11-dev-examples if missing), stopped with the others.
+exit_trap=$(trap -p EXIT | sed -E -e "s/^trap -- '(.*)' EXIT\$/\\1/" -e "s/'\\\\''/'/g")
+trap "${exit_trap:+$exit_trap; }scripts/qpid-broker.sh stop >/dev/null 2>&1 || true" EXIT
+WARREN_TEST_QPID_URL=$(scripts/qpid-broker.sh start)
+export WARREN_TEST_QPID_URL
 
 # --- moto (a local SQS-compatible server) for the SQS bridge tests ---------------------------
 

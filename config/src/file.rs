@@ -113,8 +113,35 @@ pub struct Amqp10Backend {
     /// Transfers not yet settled by the peer, at most.
     #[serde(default = "default_in_flight")]
     pub max_in_flight: usize,
+    /// Service Bus: how long each SAS token put on `$cbs` is valid, in seconds; a token is
+    /// renewed once three quarters of it have passed.
+    #[serde(default = "default_token_lifetime")]
+    pub token_lifetime_secs: u64,
+    /// `amqps://`: a PEM file of the CA certificate(s) the peer's certificate must chain to.
+    /// Default: the Mozilla root set (webpki-roots).
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// `amqps://`: a PEM client certificate chain presented in the TLS handshake; with it the
+    /// bridge logs in with SASL EXTERNAL (needs `client_key_file`, no user in the URL).
+    #[serde(default)]
+    pub client_cert_file: Option<String>,
+    /// The PEM private key (PKCS#8, PKCS#1 or SEC1) of `client_cert_file`.
+    #[serde(default)]
+    pub client_key_file: Option<String>,
+    /// Sending to session-enabled entities: the AMQP header whose value becomes
+    /// `properties.group-id` (the Service Bus SessionId).
+    #[serde(default)]
+    pub session_id_header: Option<String>,
+    /// Receiving from session-enabled entities: the session id every receiver link asks for
+    /// with the `com.microsoft:session-filter`, or `*` for the next available session.
+    #[serde(default)]
+    pub receive_session: Option<String>,
     #[serde(default)]
     pub retry: RetryConfig,
+}
+
+fn default_token_lifetime() -> u64 {
+    3600
 }
 
 impl Amqp10Backend {

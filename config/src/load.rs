@@ -623,6 +623,51 @@ fn check_amqp10(b: &crate::file::Amqp10Backend) -> Result<(), (Vec<&'static str>
     if b.max_message_size == Some(0) {
         return Err((vec!["max_message_size"], "must be at least 1".into()));
     }
+    if b.token_lifetime_secs == 0 {
+        return Err((vec!["token_lifetime_secs"], "must be at least 1".into()));
+    }
+    match (&b.client_cert_file, &b.client_key_file) {
+        (Some(_), None) => {
+            return Err((
+                vec!["client_cert_file"],
+                "needs `client_key_file` too".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err((
+                vec!["client_key_file"],
+                "needs `client_cert_file` too".into(),
+            ))
+        }
+        (Some(_), Some(_)) => {
+            let tls = b.url.as_deref().is_some_and(|u| u.starts_with("amqps://"));
+            if !tls {
+                return Err((
+                    vec!["client_cert_file"],
+                    "a client certificate (SASL EXTERNAL) needs an `amqps://` url".into(),
+                ));
+            }
+            if b.url
+                .as_deref()
+                .and_then(|u| url::Url::parse(u).ok())
+                .is_some_and(|u| !u.username().is_empty())
+            {
+                return Err((
+                    vec!["client_cert_file"],
+                    "give either a client certificate (SASL EXTERNAL) or a user in the url \
+                     (SASL PLAIN), not both"
+                        .into(),
+                ));
+            }
+        }
+        (None, None) => {}
+    }
+    if b.receive_session.as_deref() == Some("") {
+        return Err((
+            vec!["receive_session"],
+            "must be a session id or `*`".into(),
+        ));
+    }
     Ok(())
 }
 
@@ -1753,6 +1798,12 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
                 target: Some(Amqp10Target::Generic),
                 max_message_size: None,
                 max_in_flight: 1000,
+                token_lifetime_secs: 3600,
+                ca_file: None,
+                client_cert_file: None,
+                client_key_file: None,
+                session_id_header: None,
+                receive_session: None,
                 retry: RetryConfig::default(),
             })
         );
@@ -1827,5 +1878,20 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
         assert!(error(flavour, &[]).contains("unknown variant `kafka`"));
         let ok = "backends:\n  b: {type: amqp10, url: \"amqps://u:p@h:5671\", target: rabbitmq, max_message_size: 1000}\n";
         parse_env(ok, &[]).unwrap();
+        let half = "backends:\n  b: {type: amqp10, url: \"amqps://h\", client_cert_file: c.pem}\n";
+        let e = error(half, &[]);
+        assert!(
+            e.contains("backends.b.client_cert_file") && e.contains("client_key_file"),
+            "{e}"
+        );
+        let plain = "backends:\n  b: {type: amqp10, url: \"amqp://h\", client_cert_file: c.pem, client_key_file: k.pem}\n";
+        assert!(error(plain, &[]).contains("needs an `amqps://` url"));
+        let both_logins = "backends:\n  b: {type: amqp10, url: \"amqps://u:p@h\", client_cert_file: c.pem, client_key_file: k.pem}\n";
+        assert!(error(both_logins, &[]).contains("not both"));
+        let lifetime =
+            "backends:\n  b: {type: amqp10, url: \"amqp://h\", token_lifetime_secs: 0}\n";
+        assert!(error(lifetime, &[]).contains("backends.b.token_lifetime_secs"));
+        let tls = "backends:\n  b: {type: amqp10, url: \"amqps://h\", ca_file: ca.pem, client_cert_file: c.pem, client_key_file: k.pem, session_id_header: x-session-id, receive_session: \"*\"}\n";
+        parse_env(tls, &[]).unwrap();
     }
 }

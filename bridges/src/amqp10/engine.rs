@@ -1,9 +1,9 @@
 //! The engine task (connection, session, sender links, CBS) and the subscription tasks.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use fe2o3_amqp::connection::ConnectionHandle;
@@ -13,11 +13,9 @@ use fe2o3_amqp::link::SendError;
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
-use fe2o3_amqp_cbs::client::CbsClient;
-use fe2o3_amqp_cbs::token::CbsToken;
 use fe2o3_amqp_types::definitions::{Error as AmqpError, ErrorCondition};
-use fe2o3_amqp_types::messaging::{Body, Modified, Outcome};
-use fe2o3_amqp_types::primitives::{Symbol, Timestamp};
+use fe2o3_amqp_types::messaging::{Body, Modified, Outcome, Source};
+use fe2o3_amqp_types::primitives::{SimpleValue, Symbol, Timestamp};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
@@ -25,16 +23,16 @@ use serde_amqp::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep, timeout, Instant};
 use warren_backends::{Health, Incoming, Settle, Settlement, Subscription};
-use warren_config::file::{Amqp10Target, RetryConfig};
+use warren_config::file::{Amqp10Backend, Amqp10Target, RetryConfig};
 use warren_config::servicebus::ConnectionString;
 
+use super::management::{lock_token, MgmtError, MgmtLink};
 use super::{mapping, sas, Command, Pending};
 
 /// How long connecting, attaching a link or putting a token may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
-/// SAS tokens are made for this long and renewed well before they expire.
-const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
-const TOKEN_RENEWAL: Duration = Duration::from_secs(45 * 60);
+/// The source filter that asks Service Bus for a session of a session-enabled entity.
+pub(crate) const SESSION_FILTER: &str = "com.microsoft:session-filter";
 
 /// Where and how to connect.
 #[derive(Clone)]
@@ -46,6 +44,7 @@ pub struct Endpoint {
     hostname: String,
     plain: Option<(String, String)>,
     sas: Option<SasKey>,
+    tls: bool,
 }
 
 #[derive(Clone)]
@@ -88,6 +87,7 @@ impl Endpoint {
             hostname: host.trim_matches(|c| c == '[' || c == ']').to_string(),
             plain,
             sas: None,
+            tls: scheme == "amqps",
         })
     }
 
@@ -108,8 +108,91 @@ impl Endpoint {
                 key_name: cs.key_name.clone(),
                 key: cs.key.clone(),
             }),
+            tls: !cs.emulator,
         }
     }
+}
+
+/// The engine's settings beyond the endpoint, from the backend's configuration.
+#[derive(Clone)]
+pub(crate) struct Options {
+    pub target: Amqp10Target,
+    pub token_lifetime: Duration,
+    pub receive_session: Option<String>,
+    /// `amqps://` with a CA file or a client certificate; `None`: webpki roots, no client auth.
+    pub tls: Option<tokio_rustls::TlsConnector>,
+    /// A client certificate is configured: log in with SASL EXTERNAL.
+    pub external: bool,
+}
+
+impl Options {
+    pub(crate) fn from_config(config: &Amqp10Backend) -> Result<Options, String> {
+        let tls = if config.ca_file.is_some() || config.client_cert_file.is_some() {
+            Some(tls_connector(config)?)
+        } else {
+            None
+        };
+        Ok(Options {
+            target: config.effective_target(),
+            token_lifetime: Duration::from_secs(config.token_lifetime_secs.max(1)),
+            receive_session: config.receive_session.clone(),
+            tls,
+            external: config.client_cert_file.is_some(),
+        })
+    }
+}
+
+/// A rustls connector trusting `ca_file` (else the webpki roots) and presenting the client
+/// certificate when one is configured.
+fn tls_connector(config: &Amqp10Backend) -> Result<tokio_rustls::TlsConnector, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let read = |key: &str, path: &str| {
+        std::fs::read(path).map_err(|e| format!("{key}: cannot read {path}: {e}"))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match &config.ca_file {
+        Some(path) => {
+            let pem = read("ca_file", path)?;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| format!("ca_file: {path}: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("ca_file: {path}: {e}"))?;
+            }
+            if roots.is_empty() {
+                return Err(format!("ca_file: {path} holds no PEM certificate"));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots);
+    let client = match (&config.client_cert_file, &config.client_key_file) {
+        (Some(cert_path), Some(key_path)) => {
+            let pem = read("client_cert_file", cert_path)?;
+            let chain = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("client_cert_file: {cert_path}: {e}"))?;
+            if chain.is_empty() {
+                return Err(format!(
+                    "client_cert_file: {cert_path} holds no PEM certificate"
+                ));
+            }
+            let key_pem = read("client_key_file", key_path)?;
+            let key = PrivateKeyDer::from_pem_slice(&key_pem)
+                .map_err(|e| format!("client_key_file: {key_path}: {e}"))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client_cert_file: {e}"))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(client)))
 }
 
 /// Where the engine answers a subscription's request for a receiver link.
@@ -118,18 +201,40 @@ type LinkReply = oneshot::Sender<Result<Link, String>>;
 /// A receiver link the engine attached for a subscription.
 pub(crate) struct Link {
     receiver: Receiver,
+    /// The entity's `$management` node (Service Bus: lock renewal).
+    management: Option<MgmtLink>,
 }
 
 struct Conn {
     connection: ConnectionHandle<()>,
     session: SessionHandle<()>,
-    cbs: Option<CbsClient>,
-    /// Entities a token was put for on this connection.
-    authorized: HashSet<String>,
+    cbs: Option<MgmtLink>,
+    /// Entities a token was put for on this connection, and when to renew it.
+    authorized: HashMap<String, Instant>,
 }
 
-type Fut =
-    std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Result<Outcome, SendError>)> + Send>>;
+/// An in-flight transfer: its message's sequence number, the id of the link it went out on,
+/// and the peer's outcome.
+type Fut = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (u64, u64, Result<Outcome, SendError>)> + Send>,
+>;
+
+/// Sender links by destination address, each with an id unique on the engine (so a late
+/// failure of an old link never drops its replacement).
+type Senders = HashMap<String, (u64, Sender)>;
+
+/// Returns when the peer detaches one of `senders` (e.g. `amqp:link:detach-forced`): its
+/// address, id and the error. Never returns without senders.
+async fn any_detached(senders: &mut Senders) -> (String, u64, String) {
+    if senders.is_empty() {
+        return std::future::pending().await;
+    }
+    let waits = senders.iter_mut().map(|(address, (id, sender))| {
+        let (address, id) = (address.clone(), *id);
+        Box::pin(async move { (address, id, sender.on_detach().await.to_string()) })
+    });
+    futures_util::future::select_all(waits).await.0
+}
 
 enum SendFail {
     /// The link could not be attached or was refused: costs an attempt, retried later.
@@ -152,6 +257,7 @@ enum Exit {
 pub(crate) struct Engine {
     name: String,
     endpoint: Endpoint,
+    options: Options,
     max_in_flight: usize,
     retry: RetryConfig,
     health: Arc<Mutex<Health>>,
@@ -161,12 +267,14 @@ pub(crate) struct Engine {
     subscribe_waiting: Vec<(String, u16, LinkReply)>,
     retry_tx: mpsc::UnboundedSender<Pending>,
     retry_rx: mpsc::UnboundedReceiver<Pending>,
+    next_link_id: std::sync::atomic::AtomicU64,
 }
 
 impl Engine {
     pub(crate) fn new(
         name: String,
         endpoint: Endpoint,
+        options: Options,
         max_in_flight: usize,
         retry: RetryConfig,
         health: Arc<Mutex<Health>>,
@@ -176,6 +284,7 @@ impl Engine {
         Engine {
             name,
             endpoint,
+            options,
             max_in_flight,
             retry,
             health,
@@ -185,6 +294,7 @@ impl Engine {
             subscribe_waiting: Vec::new(),
             retry_tx,
             retry_rx,
+            next_link_id: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
@@ -299,19 +409,33 @@ impl Engine {
     }
 
     async fn connect(&self) -> Result<Conn, String> {
-        let profile = match &self.endpoint.plain {
-            Some((username, password)) => SaslProfile::Plain {
+        let profile = match (&self.endpoint.plain, self.options.external) {
+            (Some((username, password)), _) => SaslProfile::Plain {
                 username: username.clone(),
                 password: password.clone(),
             },
-            None => SaslProfile::Anonymous,
+            (None, true) => SaslProfile::External,
+            (None, false) => SaslProfile::Anonymous,
         };
         let container = format!("warren-{}-{:08x}", self.name, rand::random::<u32>());
-        let open = Connection::builder()
+        // amqps:// is TLS from the first byte on the port (the "alternative establishment" of
+        // the spec's 5.2.1), as Service Bus, RabbitMQ and Artemis listen on 5671.
+        let builder = Connection::builder()
             .container_id(container)
             .hostname(self.endpoint.hostname.as_str())
-            .sasl_profile(profile)
-            .open(self.endpoint.url.as_str());
+            .alt_tls_establishment(true)
+            .sasl_profile(profile);
+        let open = async {
+            match (&self.options.tls, self.endpoint.tls) {
+                (Some(connector), true) => {
+                    builder
+                        .tls_connector(connector.clone())
+                        .open(self.endpoint.url.as_str())
+                        .await
+                }
+                _ => builder.open(self.endpoint.url.as_str()).await,
+            }
+        };
         let mut connection = match timeout(STEP_TIMEOUT, open).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(format!("cannot connect to {}: {e}", self.endpoint.display)),
@@ -326,46 +450,92 @@ impl Engine {
             connection,
             session,
             cbs: None,
-            authorized: HashSet::new(),
+            authorized: HashMap::new(),
         };
         if self.endpoint.sas.is_some() {
-            match timeout(STEP_TIMEOUT, CbsClient::attach(&mut conn.session)).await {
+            let prefix = format!("warren-{}-cbs", self.name);
+            match timeout(
+                STEP_TIMEOUT,
+                MgmtLink::attach(&mut conn.session, "$cbs", &prefix),
+            )
+            .await
+            {
                 Ok(Ok(c)) => conn.cbs = Some(c),
-                Ok(Err(e)) => return Err(format!("cannot attach to $cbs: {e}")),
+                Ok(Err(e)) => return Err(e.to_string()),
                 Err(_) => return Err("attaching to $cbs timed out".into()),
             }
         }
         Ok(conn)
     }
 
-    /// Puts a SAS token for `address`'s entity on `$cbs` (Service Bus only).
+    /// The entity an address names, for CBS: `topic/Subscriptions/sub/$management` →
+    /// `topic/Subscriptions/sub`.
+    fn entity(address: &str) -> String {
+        let entity = address.trim_start_matches('/');
+        entity
+            .strip_suffix("/$management")
+            .unwrap_or(entity)
+            .to_string()
+    }
+
+    /// Puts a SAS token for `address`'s entity on `$cbs` (Service Bus only), unless this
+    /// connection already holds one (or `renew`).
     async fn authorize(&self, conn: &mut Conn, address: &str, renew: bool) -> Result<(), String> {
         let (Some(key), Some(cbs)) = (&self.endpoint.sas, conn.cbs.as_mut()) else {
             return Ok(());
         };
-        let entity = address.trim_start_matches('/').to_string();
-        if !renew && conn.authorized.contains(&entity) {
+        let entity = Self::entity(address);
+        if !renew && conn.authorized.contains_key(&entity) {
             return Ok(());
         }
         let audience = format!("sb://{}/{entity}", key.namespace);
-        let expiry = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs()
-            + TOKEN_LIFETIME.as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let lifetime = self.options.token_lifetime;
+        let expiry = now.as_secs() + lifetime.as_secs();
         let token = sas::sas_token(&audience, &key.key_name, &key.key, expiry);
-        let cbs_token = CbsToken::new(
-            token,
-            "servicebus.windows.net:sastoken",
-            Timestamp::from_milliseconds(expiry as i64 * 1000),
-        );
-        match timeout(STEP_TIMEOUT, cbs.put_token(audience.clone(), cbs_token)).await {
-            Ok(Ok(())) => {
-                conn.authorized.insert(entity);
+        let result = cbs
+            .call(
+                "put-token",
+                vec![
+                    ("type", SimpleValue::from("servicebus.windows.net:sastoken")),
+                    ("name", SimpleValue::from(audience.as_str())),
+                    (
+                        "expiration",
+                        SimpleValue::Timestamp(Timestamp::from_milliseconds(
+                            (expiry as i64).saturating_mul(1000),
+                        )),
+                    ),
+                ],
+                Value::String(token),
+                STEP_TIMEOUT,
+            )
+            .await;
+        match result {
+            Ok(response) => {
+                // Renew once three quarters of the token's actual validity have passed (the
+                // expiry is in whole seconds, so it is up to a second shorter than `lifetime`).
+                let valid = Duration::from_secs(expiry).saturating_sub(now);
+                let renew_at = Instant::now() + valid.mul_f64(0.75);
+                tracing::debug!(backend = %self.name, %audience, status = response.status, expiry, "amqp10: SAS token put on $cbs");
+                conn.authorized.insert(entity, renew_at);
                 Ok(())
             }
-            Ok(Err(e)) => Err(format!("CBS put-token for {audience} refused: {e}")),
-            Err(_) => Err(format!("CBS put-token for {audience} timed out")),
+            Err(MgmtError::Status {
+                code, description, ..
+            }) => {
+                let hint = match code {
+                    401 => ": unauthorized (check SharedAccessKeyName/SharedAccessKey and that the key has the Send/Listen claim for this entity)",
+                    404 => ": no such entity in the namespace (create the queue/topic/subscription, or fix the route's address)",
+                    _ => "",
+                };
+                Err(format!(
+                    "Service Bus refused the token for entity '{entity}' ({audience}): status {code}{}{hint}",
+                    description.map(|d| format!(" {d}")).unwrap_or_default()
+                ))
+            }
+            Err(e) => Err(format!("CBS put-token for entity '{entity}' failed: {e}")),
         }
     }
 
@@ -376,25 +546,70 @@ impl Engine {
             self.name,
             rand::random::<u32>()
         );
+        let mut terminus = Source::builder().address(source.to_string());
+        if let Some(session) = &self.options.receive_session {
+            // Service Bus: a session id, or null for the next available session.
+            let value = match session.as_str() {
+                "*" => Value::Null,
+                id => Value::String(id.to_string()),
+            };
+            terminus =
+                terminus.add_to_filter_using_legacy_format(Symbol::from(SESSION_FILTER), value);
+        }
         let attach = Receiver::builder()
             .name(name)
-            .source(source.to_string())
+            .source(terminus.build())
             .credit_mode(CreditMode::Manual)
             .auto_accept(false)
             .attach(&mut conn.session);
-        match timeout(STEP_TIMEOUT, attach).await {
-            Ok(Ok(receiver)) => Ok(Link { receiver }),
-            Ok(Err(e)) => Err(format!("cannot attach a receiver to '{source}': {e}")),
-            Err(_) => Err(format!("attaching a receiver to '{source}' timed out")),
+        let receiver = match timeout(STEP_TIMEOUT, attach).await {
+            Ok(Ok(receiver)) => receiver,
+            Ok(Err(e)) => return Err(format!("cannot attach a receiver to '{source}': {e}")),
+            Err(_) => return Err(format!("attaching a receiver to '{source}' timed out")),
+        };
+        if self.options.receive_session.is_some() {
+            let granted = receiver
+                .source()
+                .as_ref()
+                .and_then(|s| s.filter.as_ref())
+                .and_then(|f| f.get(&Symbol::from(SESSION_FILTER)))
+                .map(|v| format!("{v:?}"));
+            tracing::info!(backend = %self.name, %source, session = ?granted, "amqp10: session receiver attached");
         }
+        let management = if self.options.target == Amqp10Target::Servicebus {
+            let node = format!("{}/$management", source.trim_end_matches('/'));
+            let prefix = format!("warren-{}-mgmt", self.name);
+            match timeout(
+                STEP_TIMEOUT,
+                MgmtLink::attach(&mut conn.session, &node, &prefix),
+            )
+            .await
+            {
+                Ok(Ok(m)) => Some(m),
+                Ok(Err(e)) => {
+                    tracing::warn!(backend = %self.name, %source, error = %e, "amqp10: no $management link: locks held long will not be renewed");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!(backend = %self.name, %source, "amqp10: attaching to $management timed out: locks held long will not be renewed");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Link {
+            receiver,
+            management,
+        })
     }
 
     async fn send(
         &self,
         conn: &mut Conn,
-        senders: &mut HashMap<String, Sender>,
+        senders: &mut Senders,
         p: Pending,
-    ) -> Result<(DeliveryFut<Result<Outcome, SendError>>, Pending), SendFail> {
+    ) -> Result<(DeliveryFut<Result<Outcome, SendError>>, Pending, u64), SendFail> {
         if !senders.contains_key(&p.destination) {
             if let Err(e) = self.authorize(conn, &p.destination, false).await {
                 return Err(SendFail::Link(p, e));
@@ -408,7 +623,8 @@ impl Engine {
             let attach = Sender::attach(&mut conn.session, name, p.destination.clone());
             match timeout(STEP_TIMEOUT, attach).await {
                 Ok(Ok(s)) => {
-                    senders.insert(p.destination.clone(), s);
+                    let id = self.next_link_id.fetch_add(1, Ordering::Relaxed);
+                    senders.insert(p.destination.clone(), (id, s));
                 }
                 Ok(Err(e)) => {
                     let reason = format!("cannot attach a sender to '{}': {e}", p.destination);
@@ -423,11 +639,12 @@ impl Engine {
                 }
             }
         }
-        let Some(sender) = senders.get_mut(&p.destination) else {
+        let Some((id, sender)) = senders.get_mut(&p.destination) else {
             return Err(SendFail::Link(p, "no sender".into()));
         };
+        let id = *id;
         match sender.send_batchable((*p.message).clone()).await {
-            Ok(fut) => Ok((fut, p)),
+            Ok(fut) => Ok((fut, p, id)),
             Err(SendError::MessageSizeExceeded(_)) => {
                 let reason = format!(
                     "message larger than the max-message-size of the link to '{}'",
@@ -452,12 +669,11 @@ impl Engine {
         mut conn: Conn,
         commands: &mut mpsc::UnboundedReceiver<Command>,
     ) -> Exit {
-        let mut senders: HashMap<String, Sender> = HashMap::new();
+        let mut senders: Senders = HashMap::new();
         let mut inflight: BTreeMap<u64, Pending> = BTreeMap::new();
         let mut futs: FuturesUnordered<Fut> = FuturesUnordered::new();
         let started = Instant::now();
         let mut accepted_any = false;
-        let mut renew = tokio::time::interval_at(Instant::now() + TOKEN_RENEWAL, TOKEN_RENEWAL);
 
         let subs: Vec<_> = self.subscribe_waiting.drain(..).collect();
         for (source, _prefetch, reply) in subs {
@@ -474,10 +690,10 @@ impl Engine {
                 };
                 let seq = p.seq;
                 match self.send(&mut conn, &mut senders, p).await {
-                    Ok((fut, p)) => {
+                    Ok((fut, p, link)) => {
                         // The engine keeps the message (and its guard) until it is settled.
                         inflight.insert(seq, p);
-                        futs.push(Box::pin(async move { (seq, fut.await) }));
+                        futs.push(Box::pin(async move { (seq, link, fut.await) }));
                     }
                     Err(SendFail::Link(p, reason)) => {
                         tracing::warn!(backend = %self.name, %reason, "amqp10: link failure");
@@ -507,7 +723,7 @@ impl Engine {
                 break "the connection or session ended".to_string();
             }
             tokio::select! {
-                Some((seq, result)) = futs.next(), if !futs.is_empty() => {
+                Some((seq, link, result)) = futs.next(), if !futs.is_empty() => {
                     let Some(p) = inflight.remove(&seq) else { continue };
                     match result {
                         Ok(Outcome::Accepted(_)) => {
@@ -521,13 +737,23 @@ impl Engine {
                         }
                         Err(e) => {
                             let reason = format!("transfer to '{}' failed: {e}", p.destination);
-                            senders.remove(&p.destination);
+                            if senders.get(&p.destination).is_some_and(|(id, _)| *id == link) {
+                                senders.remove(&p.destination);
+                            }
                             if conn.session.is_ended() || conn.connection.is_closed() {
                                 inflight.insert(seq, p);
                                 break reason;
                             }
                             self.retry_later(p, &reason);
                         }
+                    }
+                }
+                (address, link, error) = any_detached(&mut senders) => {
+                    // Dropping the link fails its unsettled transfers, which are then retried
+                    // (after a backoff) on a new link.
+                    tracing::warn!(backend = %self.name, %address, %error, "amqp10: the peer detached the sender link; re-attaching and resending its unsettled messages");
+                    if senders.get(&address).is_some_and(|(id, _)| *id == link) {
+                        senders.remove(&address);
                     }
                 }
                 Some(p) = self.retry_rx.recv() => self.insert_ordered(p),
@@ -544,10 +770,17 @@ impl Engine {
                         let _ = reply.send(link);
                     }
                 },
-                _ = renew.tick(), if self.endpoint.sas.is_some() => {
-                    let entities: Vec<String> = conn.authorized.iter().cloned().collect();
+                _ = sleep_until_renewal(&conn.authorized) => {
+                    let now = Instant::now();
+                    let due: Vec<String> = conn
+                        .authorized
+                        .iter()
+                        .filter(|(_, at)| **at <= now)
+                        .map(|(e, _)| e.clone())
+                        .collect();
                     let mut failed = None;
-                    for entity in entities {
+                    for entity in due {
+                        tracing::debug!(backend = %self.name, %entity, "amqp10: renewing the SAS token");
                         if let Err(e) = self.authorize(&mut conn, &entity, true).await {
                             failed = Some(e);
                             break;
@@ -583,13 +816,13 @@ impl Engine {
     async fn shutdown(
         &mut self,
         mut conn: Conn,
-        senders: HashMap<String, Sender>,
+        senders: Senders,
         mut futs: FuturesUnordered<Fut>,
         mut inflight: BTreeMap<u64, Pending>,
     ) {
         // Give in-flight transfers a moment to be settled, then fail what is left.
         let _ = timeout(Duration::from_secs(5), async {
-            while let Some((seq, result)) = futs.next().await {
+            while let Some((seq, _, result)) = futs.next().await {
                 if let Some(p) = inflight.remove(&seq) {
                     match result {
                         Ok(Outcome::Accepted(_)) => drop(p),
@@ -604,13 +837,21 @@ impl Engine {
             p.guard.failed(&format!("{} closed", self.name));
         }
         self.fail_all("bridge closed");
-        for (_, s) in senders {
+        for (_, (_, s)) in senders {
             let _ = timeout(Duration::from_secs(1), s.close()).await;
         }
         let _ = timeout(Duration::from_secs(2), conn.session.end()).await;
         let _ = timeout(Duration::from_secs(2), conn.connection.close()).await;
         self.closed.store(true, Ordering::Release);
         *self.health.lock() = Health::Closed;
+    }
+}
+
+/// Waits until the first token is due for renewal (forever without tokens).
+async fn sleep_until_renewal(authorized: &HashMap<String, Instant>) {
+    match authorized.values().min() {
+        Some(at) => tokio::time::sleep_until(*at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -697,6 +938,118 @@ impl Subscriber {
     }
 }
 
+/// A delivery whose Service Bus lock the subscription keeps renewing until it is settled.
+struct Held {
+    token: [u8; 16],
+    locked_until: SystemTime,
+    renew_at: Instant,
+}
+
+/// When to renew a lock that lasts until `locked_until`: halfway there.
+fn renew_point(locked_until: SystemTime) -> Instant {
+    let left = locked_until
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    Instant::now() + (left / 2).max(Duration::from_millis(50))
+}
+
+/// The lock of a Service Bus peek-lock delivery, if it carries one.
+fn held_lock(delivery: &fe2o3_amqp::link::delivery::Delivery<Body<Value>>) -> Option<Held> {
+    use fe2o3_amqp_types::messaging::annotations::OwnedKey;
+    let annotations = delivery.message().message_annotations.as_ref();
+    let get = |name: &str| annotations.and_then(|a| a.0.get(&OwnedKey::Symbol(Symbol::from(name))));
+    let locked_until = match get("x-opt-locked-until") {
+        Some(Value::Timestamp(t)) => {
+            UNIX_EPOCH + Duration::from_millis(u64::try_from(t.milliseconds()).ok()?)
+        }
+        _ => return None,
+    };
+    let token = lock_token(get("x-opt-lock-token"), &delivery.delivery_tag()[..])?;
+    Some(Held {
+        token,
+        locked_until,
+        renew_at: renew_point(locked_until),
+    })
+}
+
+async fn sleep_until_lock_renewal(held: &HashMap<u32, Held>) {
+    match held.values().map(|h| h.renew_at).min() {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Renews the due locks through `$management` (`com.microsoft:renew-lock`).
+async fn renew_locks(
+    name: &str,
+    source: &str,
+    link_name: &str,
+    management: &mut MgmtLink,
+    held: &mut HashMap<u32, Held>,
+) {
+    let now = Instant::now();
+    let due: Vec<u32> = held
+        .iter()
+        .filter(|(_, h)| h.renew_at <= now)
+        .map(|(id, _)| *id)
+        .collect();
+    if due.is_empty() {
+        return;
+    }
+    let tokens: Vec<Value> = due
+        .iter()
+        .filter_map(|id| held.get(id))
+        .map(|h| Value::Uuid(h.token.into()))
+        .collect();
+    let mut body = serde_amqp::primitives::OrderedMap::new();
+    body.insert(
+        Value::String("lock-tokens".into()),
+        Value::Array(tokens.into()),
+    );
+    let result = management
+        .call(
+            "com.microsoft:renew-lock",
+            vec![("associated-link-name", SimpleValue::from(link_name))],
+            Value::Map(body),
+            STEP_TIMEOUT,
+        )
+        .await;
+    let expirations = match result {
+        Ok(response) => match response.body {
+            Value::Map(m) => match m.get(&Value::String("expirations".into())) {
+                Some(Value::Array(a)) => a.0.clone(),
+                Some(Value::List(l)) => l.clone(),
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        },
+        Err(e) => {
+            tracing::warn!(backend = %name, %source, locks = due.len(), error = %e, "amqp10: renewing message locks failed; retrying in a second");
+            for id in &due {
+                if let Some(h) = held.get_mut(id) {
+                    h.renew_at = Instant::now() + Duration::from_secs(1);
+                }
+            }
+            return;
+        }
+    };
+    for (i, id) in due.iter().enumerate() {
+        let Some(h) = held.get_mut(id) else { continue };
+        match expirations.get(i) {
+            Some(Value::Timestamp(t)) => {
+                h.locked_until = UNIX_EPOCH
+                    + Duration::from_millis(u64::try_from(t.milliseconds()).unwrap_or(0));
+                h.renew_at = renew_point(h.locked_until);
+            }
+            _ => {
+                tracing::warn!(backend = %name, %source, "amqp10: renew-lock answered without an expiration; retrying in a second");
+                h.renew_at = Instant::now() + Duration::from_secs(1);
+            }
+        }
+    }
+    tracing::debug!(backend = %name, %source, locks = due.len(), "amqp10: message locks renewed");
+}
+
 async fn subscription_task(
     name: String,
     source: String,
@@ -734,8 +1087,13 @@ async fn subscription_task(
         generation += 1;
         tracing::info!(backend = %name, %source, prefetch, "amqp10: subscribed");
         let mut unsettled: u32 = 0;
+        // Locks of unsettled deliveries (Service Bus peek-lock), by delivery id.
+        let mut held: HashMap<u32, Held> = HashMap::new();
+        let link_name = link.receiver.name().to_string();
         if let Err(e) = link.receiver.set_credit(prefetch as u32).await {
             tracing::warn!(backend = %name, %source, error = %e, "amqp10: cannot grant credit");
+            failures += 1;
+            sleep(backoff(&retry, failures)).await;
             continue;
         }
         failures = 0;
@@ -750,9 +1108,15 @@ async fn subscription_task(
                             .header
                             .as_ref()
                             .is_some_and(|h| h.delivery_count > 0);
+                        let info = DeliveryInfo::from(&delivery);
+                        if link.management.is_some() {
+                            if let Some(lock) = held_lock(&delivery) {
+                                held.insert(info.delivery_id(), lock);
+                            }
+                        }
                         let settle = Box::new(SettleHandle {
                             generation,
-                            info: DeliveryInfo::from(&delivery),
+                            info,
                             tx: settle_tx.clone(),
                         });
                         if out.send(Incoming { message, redelivered, settle }).is_err() {
@@ -773,6 +1137,7 @@ async fn subscription_task(
                             continue; // the old link's deliveries come back from the peer
                         }
                         unsettled = unsettled.saturating_sub(1);
+                        held.remove(&info.delivery_id());
                         if let Err(e) = dispose(&link.receiver, info, outcome, target).await {
                             failed = Some(format!("settling failed: {e}"));
                             break;
@@ -784,13 +1149,24 @@ async fn subscription_task(
                         break format!("cannot grant credit: {e}");
                     }
                 }
+                _ = sleep_until_lock_renewal(&held) => {
+                    if let Some(management) = link.management.as_mut() {
+                        renew_locks(&name, &source, &link_name, management, &mut held).await;
+                    } else {
+                        held.clear();
+                    }
+                }
                 _ = out.closed() => {
                     let _ = link.receiver.close().await;
+                    if let Some(m) = link.management.take() { m.close().await; }
                     return;
                 }
             }
         };
         tracing::warn!(backend = %name, %source, %reason, "amqp10: subscription link lost; re-attaching");
+        if let Some(m) = link.management.take() {
+            m.close().await;
+        }
         failures += 1;
         sleep(backoff(&retry, failures)).await;
     }

@@ -25,8 +25,10 @@
 //! i32 → int, u32 → uint, i64 → long, f32 → float, f64 → double, timestamp (s) → timestamp (ms),
 //! long string → string, short string → symbol, byte array → binary, void → null, field array →
 //! list, field table → map (string keys), decimal → map `{symbol warren:decimal: [scale, value]}` (not a described type: RabbitMQ 3.10 closes the session on unknown descriptors).
-//! Each comes back as the type it left with. Received values Warren never sends map to the
-//! nearest 0-9-1 type (ulong → i64, char/uuid/decimal32.. → their text).
+//! Each comes back as the type it left with, except symbols, which come back as long strings:
+//! a 0-9-1 field table has no tag for a short string (`s` is a short int), so no client ever
+//! sends one. Received values Warren never sends map to the nearest 0-9-1 type (ulong → i64,
+//! char/uuid/decimal32.. → their text).
 
 use amq_protocol::protocol::basic::AMQPProperties;
 use amq_protocol::types::{
@@ -49,7 +51,7 @@ const DECIMAL: &str = "warren:decimal";
 
 /// Builds the AMQP 1.0 message for `message`, with `message_id` as its id.
 pub fn to_amqp10(message: &Message, message_id: &str) -> AmqpMessage<Data> {
-    let p = &message.properties;
+    let p = message.properties();
     let header = Header {
         durable: p.delivery_mode() == &Some(2),
         priority: Priority(p.priority().unwrap_or(4)),
@@ -68,8 +70,7 @@ pub fn to_amqp10(message: &Message, message_id: &str) -> AmqpMessage<Data> {
             .as_ref()
             .map(|u| Binary::from(u.as_str().as_bytes().to_vec())),
         to: None,
-        subject: (!message.routing_key.as_str().is_empty())
-            .then(|| message.routing_key.to_string()),
+        subject: (!message.routing_key().is_empty()).then(|| message.routing_key().to_string()),
         reply_to: p.reply_to().as_ref().map(|s| s.to_string()),
         correlation_id: p
             .correlation_id()
@@ -120,7 +121,7 @@ pub fn to_amqp10(message: &Message, message_id: &str) -> AmqpMessage<Data> {
         message_annotations: (!annotations.is_empty()).then_some(MessageAnnotations(annotations)),
         properties: Some(properties),
         application_properties: (!app.is_empty()).then_some(ApplicationProperties(app)),
-        body: Data(Binary::from(message.body.to_vec())),
+        body: Data(Binary::from(message.body().to_vec())),
         footer: None,
     }
 }
@@ -226,6 +227,24 @@ pub fn from_amqp10(m: &AmqpMessage<Body<Value>>, fallback_key: &str) -> Message 
     )
 }
 
+/// A header value as text, for fields that take a string (the session id → `group-id`):
+/// strings as they are, integers and booleans in decimal; `None` for other types.
+pub fn header_text(v: &AMQPValue) -> Option<String> {
+    Some(match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(i) => i.to_string(),
+        AMQPValue::ShortShortUInt(i) => i.to_string(),
+        AMQPValue::ShortInt(i) => i.to_string(),
+        AMQPValue::ShortUInt(i) => i.to_string(),
+        AMQPValue::LongInt(i) => i.to_string(),
+        AMQPValue::LongUInt(i) => i.to_string(),
+        AMQPValue::LongLongInt(i) => i.to_string(),
+        _ => return None,
+    })
+}
+
 fn id_text(id: &MessageId) -> String {
     match id {
         MessageId::String(s) => s.clone(),
@@ -307,7 +326,9 @@ fn from_value(v: &Value) -> AMQPValue {
         Value::Timestamp(t) => AMQPValue::Timestamp((t.milliseconds().max(0) / 1000) as u64),
         Value::Binary(b) => AMQPValue::ByteArray(ByteArray::from(b.to_vec())),
         Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
-        Value::Symbol(s) => AMQPValue::ShortString(ShortString::from(s.0.as_str())),
+        // Not a short string: that type has no tag in a 0-9-1 field table (amq-protocol's 's'
+        // is a short int), so a property block holding one cannot be decoded again.
+        Value::Symbol(s) => AMQPValue::LongString(LongString::from(s.0.as_str())),
         Value::List(items) => AMQPValue::FieldArray(FieldArray::from(
             items.iter().map(from_value).collect::<Vec<_>>(),
         )),
@@ -375,7 +396,6 @@ mod tests {
                 value: 12345,
             }),
         );
-        h.insert("short".into(), AMQPValue::ShortString("short".into()));
         h.insert("long".into(), AMQPValue::LongString("long ✓".into()));
         h.insert(
             "array".into(),
@@ -436,9 +456,9 @@ mod tests {
             Bytes::from_static(b"{\"a\":1}"),
         );
         let back = round_trip(&m, "id-1");
-        assert_eq!(back.routing_key.as_str(), "orders.eu");
-        assert_eq!(back.body, m.body);
-        let (a, b) = (&m.properties, &back.properties);
+        assert_eq!(back.routing_key(), "orders.eu");
+        assert_eq!(back.body(), m.body());
+        let (a, b) = (&m.properties(), &back.properties());
         assert_eq!(a.content_type(), b.content_type());
         assert_eq!(a.content_encoding(), b.content_encoding());
         assert_eq!(a.delivery_mode(), b.delivery_mode());
@@ -460,6 +480,29 @@ mod tests {
     }
 
     #[test]
+    fn symbols_arrive_as_long_strings_and_keep_the_properties_readable() {
+        let mut app = OrderedMap::new();
+        app.insert(
+            "kind".to_string(),
+            SimpleValue::Symbol(Symbol::from("com.example:order")),
+        );
+        let m = AmqpMessage::builder()
+            .header(Header {
+                durable: true,
+                ..Default::default()
+            })
+            .application_properties(ApplicationProperties(app))
+            .value(Value::Null)
+            .build();
+        let back = from_amqp10(&m.map_body(Body::Value), "q");
+        assert_eq!(back.properties().delivery_mode(), &Some(2));
+        assert_eq!(
+            back.headers().unwrap().inner().get("kind"),
+            Some(&AMQPValue::LongString("com.example:order".into()))
+        );
+    }
+
+    #[test]
     fn sections_hold_what_the_table_says() {
         let m = Message::new("ex".into(), "k".into(), full_properties(), Bytes::new());
         let out = to_amqp10(&m, "id-1");
@@ -472,10 +515,6 @@ mod tests {
         assert_eq!(p.creation_time.unwrap().milliseconds(), 1_700_000_123_000);
         let app = out.application_properties.unwrap().0;
         assert_eq!(app.get("i8"), Some(&SimpleValue::Byte(-8)));
-        assert_eq!(
-            app.get("short"),
-            Some(&SimpleValue::Symbol(Symbol::from("short")))
-        );
         assert_eq!(
             app.get(TYPE),
             Some(&SimpleValue::String("order.created".into()))
@@ -495,11 +534,11 @@ mod tests {
         );
         let back = round_trip(&m, "warren-1");
         assert_eq!(
-            back.properties.message_id().as_ref().unwrap().as_str(),
+            back.properties().message_id().as_ref().unwrap().as_str(),
             "warren-1"
         );
-        assert_eq!(back.routing_key.as_str(), "fallback");
-        assert_eq!(back.properties.delivery_mode(), &Some(1));
-        assert!(back.properties.headers().is_none());
+        assert_eq!(back.routing_key(), "fallback");
+        assert_eq!(back.properties().delivery_mode(), &Some(1));
+        assert!(back.properties().headers().is_none());
     }
 }

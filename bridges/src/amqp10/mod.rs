@@ -50,6 +50,7 @@
 //! `RequiresDuplicateDetection`) absorbs resends.
 
 mod engine;
+mod management;
 pub mod mapping;
 pub mod sas;
 
@@ -95,6 +96,7 @@ pub struct Amqp10Bridge {
     name: String,
     target: Amqp10Target,
     max_message_size: Option<u64>,
+    session_id_header: Option<String>,
     commands: mpsc::UnboundedSender<Command>,
     health: Arc<Mutex<Health>>,
     ids_prefix: String,
@@ -120,6 +122,7 @@ impl Amqp10Bridge {
                 ))
             }
         };
+        let options = engine::Options::from_config(config).map_err(bad)?;
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| BridgeError::NoRuntime {
                 backend: name.to_string(),
@@ -131,6 +134,7 @@ impl Amqp10Bridge {
             name: name.to_string(),
             target: config.effective_target(),
             max_message_size: config.effective_max_message_size(),
+            session_id_header: config.session_id_header.clone(),
             commands: tx,
             health: health.clone(),
             ids_prefix: format!("{:016x}", rand::random::<u64>()),
@@ -140,6 +144,7 @@ impl Amqp10Bridge {
         let engine = engine::Engine::new(
             name.to_string(),
             endpoint,
+            options,
             config.max_in_flight.max(1),
             config.retry.clone(),
             health,
@@ -150,7 +155,7 @@ impl Amqp10Bridge {
     }
 
     fn message_id(&self, message: &Message) -> String {
-        match message.properties.message_id() {
+        match message.properties().message_id() {
             Some(id) => id.to_string(),
             None => format!(
                 "warren-{}-{}",
@@ -169,7 +174,18 @@ impl Backend for Amqp10Bridge {
 
     fn publish(&self, destination: &str, message: Arc<Message>, guard: Guard) {
         let id = self.message_id(&message);
-        let amqp = mapping::to_amqp10(&message, &id);
+        let mut amqp = mapping::to_amqp10(&message, &id);
+        if let Some(header) = &self.session_id_header {
+            if let Some(session) = message.headers().and_then(|h| {
+                h.inner()
+                    .get(header.as_str())
+                    .and_then(mapping::header_text)
+            }) {
+                if let Some(p) = amqp.properties.as_mut() {
+                    p.group_id = Some(session);
+                }
+            }
+        }
         if let Some(max) = self.max_message_size {
             let size = encoded_size(&amqp);
             if size as u64 > max {
