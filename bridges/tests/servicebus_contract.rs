@@ -98,6 +98,7 @@ enum Seen {
         entity: String,
         tokens: Vec<[u8; 16]>,
         link_name: Option<String>,
+        status: i32,
     },
     /// The namespace detached a link with `amqp:link:detach-forced`.
     Detached { address: String },
@@ -124,6 +125,8 @@ struct Script {
     detach_outgoing_first: HashSet<String>,
     /// Links need no token (a plain AMQP 1.0 peer, for the TLS test).
     open: bool,
+    /// Bodies whose lock is lost at once: renew-lock requests naming it are answered 410.
+    lose_lock_of: HashSet<&'static str>,
 }
 
 impl Script {
@@ -135,6 +138,7 @@ impl Script {
             detach_incoming_after: HashMap::new(),
             detach_outgoing_first: HashSet::new(),
             open: false,
+            lose_lock_of: HashSet::new(),
         }
     }
 }
@@ -146,6 +150,8 @@ struct State {
     expired_reported: HashSet<(String, u64)>,
     /// Lock token → locked until.
     locks: HashMap<[u8; 16], SystemTime>,
+    /// Lock tokens that were lost.
+    lost: HashSet<[u8; 16]>,
     /// Links attached so far per address (to detach only the first).
     attaches: HashMap<String, usize>,
 }
@@ -313,24 +319,34 @@ impl Namespace {
                     }
                     let until = SystemTime::now() + self.script.lock_duration;
                     let mut expirations = Vec::new();
-                    {
+                    let lost = {
                         let mut state = self.state.lock().unwrap();
-                        for t in &tokens {
-                            state.locks.insert(*t, until);
-                            expirations.push(Value::Timestamp(timestamp(until)));
+                        let lost = tokens.iter().any(|t| state.lost.contains(t));
+                        if !lost {
+                            for t in &tokens {
+                                state.locks.insert(*t, until);
+                                expirations.push(Value::Timestamp(timestamp(until)));
+                            }
                         }
-                    }
+                        lost
+                    };
+                    let status = if lost { 410 } else { 200 };
                     let _ = self.seen.send(Seen::RenewLock {
                         entity,
                         tokens,
                         link_name: text("associated-link-name"),
+                        status,
                     });
-                    let mut map = OrderedMap::new();
-                    map.insert(
-                        Value::String("expirations".into()),
-                        Value::Array(expirations.into()),
-                    );
-                    (200, "OK".to_string(), Value::Map(map))
+                    if lost {
+                        (410, "MessageLockLost".to_string(), Value::Null)
+                    } else {
+                        let mut map = OrderedMap::new();
+                        map.insert(
+                            Value::String("expirations".into()),
+                            Value::Array(expirations.into()),
+                        );
+                        (200, "OK".to_string(), Value::Map(map))
+                    }
                 }
             }
             other => (
@@ -681,7 +697,13 @@ async fn entity_outbox(
     for body in bodies {
         let token: [u8; 16] = rand::random();
         let until = SystemTime::now() + ns.script.lock_duration;
-        ns.state.lock().unwrap().locks.insert(token, until);
+        {
+            let mut state = ns.state.lock().unwrap();
+            state.locks.insert(token, until);
+            if ns.script.lose_lock_of.contains(body) {
+                state.lost.insert(token);
+            }
+        }
         let mut annotations = OrderedMap::new();
         annotations.insert(
             OwnedKey::Symbol(Symbol::from("x-opt-lock-token")),
@@ -717,22 +739,24 @@ async fn entity_outbox(
                     .await;
             return;
         }
-        let outcome = match fut.await {
-            Ok(o) => o,
-            Err(_) => return,
-        };
-        let lock_held = ns
-            .state
-            .lock()
-            .unwrap()
-            .locks
-            .get(&token)
-            .is_some_and(|t| SystemTime::now() <= *t);
-        let _ = ns.seen.send(Seen::Outcome {
-            address: address.clone(),
-            body: body.as_bytes().to_vec(),
-            outcome: describe(&outcome),
-            lock_held,
+        // Every message goes out at once (as far as the bridge's credit allows); outcomes are
+        // recorded as they come.
+        let (ns, address) = (ns.clone(), address.clone());
+        tokio::spawn(async move {
+            let Ok(outcome) = fut.await else { return };
+            let lock_held = ns
+                .state
+                .lock()
+                .unwrap()
+                .locks
+                .get(&token)
+                .is_some_and(|t| SystemTime::now() <= *t);
+            let _ = ns.seen.send(Seen::Outcome {
+                address,
+                body: body.as_bytes().to_vec(),
+                outcome: describe(&outcome),
+                lock_held,
+            });
         });
     }
     // Keep the link open until the bridge goes.
@@ -1226,6 +1250,7 @@ async fn locks_of_messages_held_long_are_renewed_through_management() {
                 entity,
                 tokens,
                 link_name,
+                status: 200,
             } => Some((entity.clone(), tokens.clone(), link_name.clone())),
             _ => None,
         })
@@ -1254,6 +1279,67 @@ async fn locks_of_messages_held_long_are_renewed_through_management() {
         count,
         "renewals after the ack"
     );
+    drop(sub);
+    bridge.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lock_is_dropped_and_the_others_keep_being_renewed() {
+    let mut script = Script::new(&["held"]);
+    script.outgoing.insert("held".into(), vec!["keep", "lose"]);
+    script.lose_lock_of.insert("lose");
+    script.lock_duration = Duration::from_millis(1500);
+    let mut fake = Fake::start(script).await;
+    let bridge = Amqp10Bridge::start("sb-lock-lost", &fake.config(KEY)).unwrap();
+    let mut sub = bridge.subscribe("held", 2).await.unwrap();
+    let first = next(&mut sub).await;
+    let second = next(&mut sub).await;
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    let (keep, lose) = if first.message.body() == b"keep" {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    keep.settle.settle(Settlement::Ack);
+    let Seen::Outcome { lock_held, .. } = fake
+        .wait_for(
+            "the outcome of keep",
+            |e| matches!(e, Seen::Outcome { body, .. } if body == b"keep"),
+        )
+        .await
+    else {
+        unreachable!()
+    };
+    assert!(lock_held, "the good lock ran out");
+    let log = fake.drain(Duration::from_millis(100)).await.to_vec();
+    let renewals: Vec<(Vec<[u8; 16]>, i32)> = log
+        .iter()
+        .filter_map(|e| match e {
+            Seen::RenewLock { tokens, status, .. } => Some((tokens.clone(), *status)),
+            _ => None,
+        })
+        .collect();
+    // The lost lock is refused alone once (after at most one refused batch with the other)
+    // and never asked for again; the good one goes on being renewed.
+    let refused = renewals.iter().filter(|(_, s)| *s == 410).count();
+    assert!((1..=2).contains(&refused), "{renewals:?}");
+    let dropped_at = renewals
+        .iter()
+        .position(|(t, s)| *s == 410 && t.len() == 1)
+        .unwrap_or_else(|| panic!("the lost lock was never tried alone: {renewals:?}"));
+    let lost = renewals[dropped_at].0[0];
+    assert!(
+        renewals[dropped_at + 1..]
+            .iter()
+            .all(|(t, _)| !t.contains(&lost)),
+        "the lost lock was asked for again: {renewals:?}"
+    );
+    let good = renewals
+        .iter()
+        .filter(|(t, s)| *s == 200 && !t.contains(&lost))
+        .count();
+    assert!(good >= 2, "{renewals:?}");
+    drop(lose);
     drop(sub);
     bridge.close().await;
 }

@@ -979,7 +979,11 @@ async fn sleep_until_lock_renewal(held: &HashMap<u32, Held>) {
     }
 }
 
-/// Renews the due locks through `$management` (`com.microsoft:renew-lock`).
+/// Renews the due locks through `$management` (`com.microsoft:renew-lock`): one request for
+/// all of them. When Service Bus refuses the request (4xx: a lock already lost or the message
+/// gone), each token is tried alone, and a token refused alone is dropped with a warning: the
+/// message comes back from Service Bus and the client's settlement of it will fail. Other
+/// failures (timeouts, a lost link) are retried a second later.
 async fn renew_locks(
     name: &str,
     source: &str,
@@ -996,7 +1000,59 @@ async fn renew_locks(
     if due.is_empty() {
         return;
     }
-    let tokens: Vec<Value> = due
+    let mut batches = vec![due];
+    while let Some(batch) = batches.pop() {
+        match renew_lock_batch(link_name, management, held, &batch).await {
+            Ok(expirations) => {
+                for (i, id) in batch.iter().enumerate() {
+                    let Some(h) = held.get_mut(id) else { continue };
+                    match expirations.get(i) {
+                        Some(Value::Timestamp(t)) => {
+                            h.locked_until = UNIX_EPOCH
+                                + Duration::from_millis(
+                                    u64::try_from(t.milliseconds()).unwrap_or(0),
+                                );
+                            h.renew_at = renew_point(h.locked_until);
+                        }
+                        _ => {
+                            tracing::warn!(backend = %name, %source, "amqp10: renew-lock answered without an expiration; retrying in a second");
+                            h.renew_at = Instant::now() + Duration::from_secs(1);
+                        }
+                    }
+                }
+                tracing::debug!(backend = %name, %source, locks = batch.len(), "amqp10: message locks renewed");
+            }
+            Err(MgmtError::Status { code, .. })
+                if (400..500).contains(&code) && batch.len() > 1 =>
+            {
+                batches.extend(batch.iter().map(|id| vec![*id]));
+            }
+            Err(e @ MgmtError::Status { code, .. }) if (400..500).contains(&code) => {
+                tracing::warn!(backend = %name, %source, error = %e, "amqp10: a message lock cannot be renewed (lost or expired): Service Bus will deliver the message again");
+                for id in &batch {
+                    held.remove(id);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(backend = %name, %source, locks = batch.len(), error = %e, "amqp10: renewing message locks failed; retrying in a second");
+                for id in &batch {
+                    if let Some(h) = held.get_mut(id) {
+                        h.renew_at = Instant::now() + Duration::from_secs(1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One renew-lock request for the locks of `batch`: the answer's `expirations`, in order.
+async fn renew_lock_batch(
+    link_name: &str,
+    management: &mut MgmtLink,
+    held: &HashMap<u32, Held>,
+    batch: &[u32],
+) -> Result<Vec<Value>, MgmtError> {
+    let tokens: Vec<Value> = batch
         .iter()
         .filter_map(|id| held.get(id))
         .map(|h| Value::Uuid(h.token.into()))
@@ -1006,48 +1062,22 @@ async fn renew_locks(
         Value::String("lock-tokens".into()),
         Value::Array(tokens.into()),
     );
-    let result = management
+    let response = management
         .call(
             "com.microsoft:renew-lock",
             vec![("associated-link-name", SimpleValue::from(link_name))],
             Value::Map(body),
             STEP_TIMEOUT,
         )
-        .await;
-    let expirations = match result {
-        Ok(response) => match response.body {
-            Value::Map(m) => match m.get(&Value::String("expirations".into())) {
-                Some(Value::Array(a)) => a.0.clone(),
-                Some(Value::List(l)) => l.clone(),
-                _ => Vec::new(),
-            },
+        .await?;
+    Ok(match response.body {
+        Value::Map(m) => match m.get(&Value::String("expirations".into())) {
+            Some(Value::Array(a)) => a.0.clone(),
+            Some(Value::List(l)) => l.clone(),
             _ => Vec::new(),
         },
-        Err(e) => {
-            tracing::warn!(backend = %name, %source, locks = due.len(), error = %e, "amqp10: renewing message locks failed; retrying in a second");
-            for id in &due {
-                if let Some(h) = held.get_mut(id) {
-                    h.renew_at = Instant::now() + Duration::from_secs(1);
-                }
-            }
-            return;
-        }
-    };
-    for (i, id) in due.iter().enumerate() {
-        let Some(h) = held.get_mut(id) else { continue };
-        match expirations.get(i) {
-            Some(Value::Timestamp(t)) => {
-                h.locked_until = UNIX_EPOCH
-                    + Duration::from_millis(u64::try_from(t.milliseconds()).unwrap_or(0));
-                h.renew_at = renew_point(h.locked_until);
-            }
-            _ => {
-                tracing::warn!(backend = %name, %source, "amqp10: renew-lock answered without an expiration; retrying in a second");
-                h.renew_at = Instant::now() + Duration::from_secs(1);
-            }
-        }
-    }
-    tracing::debug!(backend = %name, %source, locks = due.len(), "amqp10: message locks renewed");
+        _ => Vec::new(),
+    })
 }
 
 async fn subscription_task(
