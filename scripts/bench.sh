@@ -13,6 +13,8 @@
 #   BENCH_RUNS    [3]    runs per scenario and broker; the tables show medians
 #   BENCH_SCENARIOS ["S1 S2 S3 S4 S5 S6 S7 S8"]   throughput scenarios to run
 #   BENCH_MEMORY  [1]    0 skips the memory scenarios (M1 idle connections, M2 queued messages)
+#   BENCH_BRIDGES [1]    0 skips the bridge scenarios (B1 Kafka, B2 AMQP 1.0: scripts/bench-bridges.sh,
+#                        run against this script's RabbitMQ node, which then has rabbitmq_amqp1_0)
 #   BENCH_DEEP    [10000000]  messages in Warren's deep durable queue (W2..W4); 0 skips W1..W4
 #   BENCH_RESTART [1000000]   persistent messages queued for Warren's restart test (W1)
 #   BENCH_IDLE    [5000]      idle connections (M1)
@@ -30,6 +32,7 @@ BENCH_SECONDS=${BENCH_SECONDS:-10}
 BENCH_RUNS=${BENCH_RUNS:-3}
 BENCH_SCENARIOS=${BENCH_SCENARIOS:-"S1 S2 S3 S4 S5 S6 S7 S8"}
 BENCH_MEMORY=${BENCH_MEMORY:-1}
+BENCH_BRIDGES=${BENCH_BRIDGES:-1}
 BENCH_DEEP=${BENCH_DEEP:-10000000}
 BENCH_RESTART=${BENCH_RESTART:-1000000}
 BENCH_IDLE=${BENCH_IDLE:-5000}
@@ -47,6 +50,7 @@ STAMP=$(date +%Y%m%d-%H%M%S)
 mkdir -p "$BENCH_OUT"
 RESULTS="$BENCH_OUT/results-$STAMP.jsonl"
 TABLE="$BENCH_OUT/results-$STAMP.md"
+BRIDGE_RESULTS="$BENCH_OUT/results-$STAMP-bridges.jsonl"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/warren-bench.XXXXXX")
 BENCH="$ROOT/target/release/warren-bench"
 WARREN="$ROOT/target/release/warren"
@@ -178,7 +182,13 @@ listeners.tcp.1 = 127.0.0.1:$RABBIT_PORT
 log.file.level = warning
 EOF
     : >"$WORK/rabbit/rabbitmq-env.conf"
-    echo '[].' >"$WORK/rabbit/enabled_plugins"
+    # The bridge scenarios send AMQP 1.0 to this node: rabbitmq_amqp1_0 makes its AMQP listener
+    # speak that too (enabled offline, through the plugins file).
+    if [ "$BENCH_BRIDGES" = 1 ]; then
+        echo '[rabbitmq_amqp1_0].' >"$WORK/rabbit/enabled_plugins"
+    else
+        echo '[].' >"$WORK/rabbit/enabled_plugins"
+    fi
     # Run the server script directly (not /usr/sbin's wrapper, which su's to the rabbitmq user
     # and cannot write our directories).
     env "${RABBIT_ENV[@]}" "$RABBIT_BIN/rabbitmq-server" >"$WORK/rabbit/stdout.log" 2>&1 &
@@ -324,6 +334,15 @@ for run in $(seq 1 "$BENCH_RUNS"); do
     done
 done
 
+# --- bridges: through Warren to Kafka and to AMQP 1.0, against their client libraries direct --
+
+if [ "$BENCH_BRIDGES" = 1 ]; then
+    log "bridge scenarios (scripts/bench-bridges.sh)"
+    BENCH_NO_BUILD=1 BENCH_AMQP10_PORT="$RABBIT_PORT" BENCH_BRIDGES_RESULTS="$BRIDGE_RESULTS" \
+        BENCH_SECONDS="$BENCH_SECONDS" BENCH_RUNS="$BENCH_RUNS" "$ROOT/scripts/bench-bridges.sh" \
+        >/dev/null || die "the bridge scenarios failed"
+fi
+
 # --- memory: fresh brokers, idle connections first, then queued messages ---------------------
 
 if [ "$BENCH_MEMORY" = 1 ]; then
@@ -428,5 +447,11 @@ fi
         "load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)."
     echo
     "$BENCH" report --targets "$RESULTS"
+    if [ -s "$BRIDGE_RESULTS" ]; then
+        echo
+        echo "Bridges: through Warren (subject) against the client library publishing directly (baseline)."
+        echo
+        "$BENCH" report --baseline direct --subject warren --targets "$BRIDGE_RESULTS"
+    fi
 } | tee "$TABLE"
 log "results: $RESULTS and $TABLE"

@@ -11,9 +11,14 @@
 //! warren-bench --rate 10000 --duration 10          # latency p50/p99/p99.9
 //! warren-bench --sink --size 16 --duration 5       # the tool's own ceiling
 //! warren-bench report results.jsonl                # medians per scenario and broker
+//! # a bridge's target, with the bridge's client library (compare with a run through Warren):
+//! warren-bench --mode amqp10-direct --amqp10-url amqp://guest:guest@127.0.0.1:5672 \
+//!     --address /amq/queue/q --confirm 1000
+//! warren-bench --mode kafka-direct --kafka-bootstrap 127.0.0.1:9092 --topic t --confirm 1000
 //! ```
 
 mod amqp;
+mod direct;
 mod report;
 mod run;
 mod sink;
@@ -63,6 +68,12 @@ pub enum Mode {
     Purge,
     /// Delete the run's queues.
     Delete,
+    /// Publish straight to an AMQP 1.0 peer with fe2o3-amqp, as the amqp10 bridge does
+    /// (`--amqp10-url`, `--address`, `--confirm WINDOW` unsettled transfers at most).
+    Amqp10Direct,
+    /// Produce straight to Kafka with rdkafka and the kafka bridge's producer settings
+    /// (`--kafka-bootstrap`, `--topic`, `--confirm WINDOW` records awaiting their report).
+    KafkaDirect,
 }
 
 impl Mode {
@@ -74,6 +85,8 @@ impl Mode {
             Mode::Idle => "idle",
             Mode::Purge => "purge",
             Mode::Delete => "delete",
+            Mode::Amqp10Direct => "amqp10-direct",
+            Mode::KafkaDirect => "kafka-direct",
         }
     }
 }
@@ -157,6 +170,18 @@ pub struct RunArgs {
     /// KEY=VALUE added to the JSON output (repeatable), e.g. scenario=S1 broker=warren.
     #[arg(long = "tag", value_name = "KEY=VALUE")]
     pub tags: Vec<String>,
+    /// amqp10-direct: the peer, amqp://user:pass@host:port (PLAIN with a user, else ANONYMOUS).
+    #[arg(long, value_name = "URL")]
+    pub amqp10_url: Option<String>,
+    /// amqp10-direct: the target address (default `/amq/queue/PREFIX-0`, RabbitMQ's plugin).
+    #[arg(long)]
+    pub address: Option<String>,
+    /// kafka-direct: bootstrap servers, host:port[,host:port...].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub kafka_bootstrap: Option<String>,
+    /// kafka-direct: the topic (default PREFIX-0); the record key is PREFIX-0.
+    #[arg(long)]
+    pub topic: Option<String>,
     /// No progress lines on stderr.
     #[arg(long, short)]
     pub quiet: bool,
@@ -179,6 +204,7 @@ fn main() -> Result<()> {
         match args.mode {
             Mode::Idle => run::idle(&args, target).await,
             Mode::Purge | Mode::Delete => run::admin(&args, target).await,
+            Mode::Amqp10Direct | Mode::KafkaDirect => direct::run(&args).await,
             _ => run::throughput(&args, target).await,
         }
     });

@@ -684,7 +684,7 @@ pub async fn admin(args: &RunArgs, target: Target) -> Result<Map<String, Value>>
     Ok(out)
 }
 
-fn round(x: f64, digits: i32) -> f64 {
+pub(crate) fn round(x: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (x * f).round() / f
 }
