@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use amq_protocol::protocol::basic::{gen_properties, parse_properties, AMQPProperties};
-use amq_protocol::types::{FieldTable, ShortString};
+use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use bytes::Bytes;
 
 /// Summary layout at the start of the packed buffer.
@@ -44,6 +44,7 @@ impl Message {
         properties: AMQPProperties,
         body: Bytes,
     ) -> Message {
+        let properties = without_short_strings(properties);
         let raw_properties = encode_properties(&properties);
         Message::from_parts(
             exchange.as_str(),
@@ -260,6 +261,50 @@ fn truncated(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// `properties` with every short-string header value (nested too) as a long string.
+/// amq-protocol encodes a short-string field value with a type tag it cannot decode (RabbitMQ's
+/// field types have no short string), so a message carrying one would lose all its properties
+/// when they are next decoded. Long strings are what AMQP 0-9-1 clients send for text anyway.
+fn without_short_strings(properties: AMQPProperties) -> AMQPProperties {
+    fn has_short(v: &AMQPValue) -> bool {
+        match v {
+            AMQPValue::ShortString(_) => true,
+            AMQPValue::FieldTable(t) => t.inner().values().any(has_short),
+            AMQPValue::FieldArray(a) => a.as_slice().iter().any(has_short),
+            _ => false,
+        }
+    }
+    fn fix(v: AMQPValue) -> AMQPValue {
+        match v {
+            AMQPValue::ShortString(s) => AMQPValue::LongString(s.as_str().into()),
+            AMQPValue::FieldTable(t) => AMQPValue::FieldTable(fix_table(t)),
+            AMQPValue::FieldArray(a) => AMQPValue::FieldArray(
+                a.as_slice()
+                    .iter()
+                    .cloned()
+                    .map(fix)
+                    .collect::<Vec<_>>()
+                    .into(),
+            ),
+            other => other,
+        }
+    }
+    fn fix_table(t: FieldTable) -> FieldTable {
+        let mut out = FieldTable::default();
+        for (k, v) in t.inner() {
+            out.insert(k.clone(), fix(v.clone()));
+        }
+        out
+    }
+    match properties.headers() {
+        Some(h) if h.inner().values().any(has_short) => {
+            let fixed = fix_table(h.clone());
+            properties.with_headers(fixed)
+        }
+        _ => properties,
+    }
+}
+
 /// Encodes a basic property block (flags and values) as it travels in a content header.
 pub fn encode_properties(properties: &AMQPProperties) -> Bytes {
     match cookie_factory::gen(gen_properties(properties), Vec::with_capacity(64)) {
@@ -272,7 +317,7 @@ pub fn encode_properties(properties: &AMQPProperties) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use amq_protocol::types::{AMQPValue, LongString};
+    use amq_protocol::types::{FieldArray, LongString};
 
     #[test]
     fn parts_come_back_as_given() {
@@ -317,6 +362,42 @@ mod tests {
         assert!(!m.is_persistent());
         assert_eq!(m.expiration_ms(), Ok(None));
         assert_eq!(m.headers(), None);
+    }
+
+    #[test]
+    fn short_string_header_values_survive_as_long_strings() {
+        let mut inner = FieldTable::default();
+        inner.insert("s".into(), AMQPValue::ShortString("deep".into()));
+        let mut headers = FieldTable::default();
+        headers.insert("s".into(), AMQPValue::ShortString("top".into()));
+        headers.insert("t".into(), AMQPValue::FieldTable(inner));
+        let array: FieldArray = vec![AMQPValue::ShortString("item".into())].into();
+        headers.insert("a".into(), AMQPValue::FieldArray(array));
+        let props = AMQPProperties::default()
+            .with_content_type("text/plain".into())
+            .with_headers(headers);
+        let m = Message::new("".into(), "q".into(), props, Bytes::new());
+        let back = m.properties();
+        assert_eq!(
+            back.content_type().as_ref().map(|c| c.as_str()),
+            Some("text/plain")
+        );
+        let h = back.headers().clone().unwrap();
+        assert_eq!(
+            h.inner().get("s"),
+            Some(&AMQPValue::LongString("top".into()))
+        );
+        let Some(AMQPValue::FieldTable(t)) = h.inner().get("t") else {
+            panic!("nested table lost: {h:?}");
+        };
+        assert_eq!(
+            t.inner().get("s"),
+            Some(&AMQPValue::LongString("deep".into()))
+        );
+        let Some(AMQPValue::FieldArray(a)) = h.inner().get("a") else {
+            panic!("array lost: {h:?}");
+        };
+        assert_eq!(a.as_slice(), &[AMQPValue::LongString("item".into())]);
     }
 
     #[test]
