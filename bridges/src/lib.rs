@@ -10,6 +10,7 @@
 //!   RabbitMQ's AMQP 1.0 plugin, Artemis), see [`amqp10`].
 //! - `redis` (cargo feature `redis`, on by default): Redis Streams, see [`redis`].
 //! - `mqtt` (cargo feature `mqtt`, on by default): an MQTT 5 or 3.1.1 broker, see [`mqtt`].
+//! - `kafka` (cargo feature `kafka`, on by default): a Kafka cluster, see [`kafka`].
 //! - `sqs` (cargo feature `sqs`, on by default): Amazon SQS (or a local SQS-compatible server),
 //!   see [`sqs`].
 
@@ -21,6 +22,8 @@ use warren_config::file::BackendConfig;
 
 #[cfg(feature = "amqp10")]
 pub mod amqp10;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 #[cfg(feature = "rabbitmq")]
@@ -61,6 +64,11 @@ pub fn build(name: &str, config: &BackendConfig) -> Result<Arc<dyn Backend>, Bri
         #[cfg(feature = "mqtt")]
         BackendConfig::Mqtt(cfg) => {
             let bridge = mqtt::MqttBridge::start(name, cfg)?;
+            Ok(bridge)
+        }
+        #[cfg(feature = "kafka")]
+        BackendConfig::Kafka(cfg) => {
+            let bridge = kafka::KafkaBridge::start(name, cfg)?;
             Ok(bridge)
         }
         #[cfg(feature = "redis")]

@@ -48,6 +48,8 @@ pub enum BackendConfig {
     Redis(RedisBackend),
     /// An MQTT broker (3.1.1 or 5).
     Mqtt(MqttBackend),
+    /// A Kafka cluster (or a Kafka-protocol service: Azure Event Hubs, Redpanda, tansu).
+    Kafka(KafkaBackend),
     /// Amazon SQS (or an SQS-compatible endpoint such as moto or LocalStack).
     Sqs(SqsBackend),
 }
@@ -59,6 +61,7 @@ impl BackendConfig {
             BackendConfig::Amqp10(_) => "amqp10",
             BackendConfig::Redis(_) => "redis",
             BackendConfig::Mqtt(_) => "mqtt",
+            BackendConfig::Kafka(_) => "kafka",
             BackendConfig::Sqs(_) => "sqs",
         }
     }
@@ -69,6 +72,7 @@ impl BackendConfig {
             BackendConfig::Amqp10(b) => &b.retry,
             BackendConfig::Redis(b) => &b.retry,
             BackendConfig::Mqtt(b) => &b.retry,
+            BackendConfig::Kafka(b) => &b.retry,
             BackendConfig::Sqs(b) => &b.retry,
         }
     }
@@ -252,22 +256,6 @@ fn default_keep_alive() -> u64 {
     30
 }
 
-fn default_redis_group() -> String {
-    "warren".into()
-}
-fn default_redis_consumer() -> String {
-    "warren".into()
-}
-fn default_block_ms() -> u64 {
-    1000
-}
-fn default_max_deliveries() -> u32 {
-    10
-}
-fn default_claim_idle_ms() -> u64 {
-    30_000
-}
-
 /// Amazon SQS: destinations and sources are queue names (resolved with GetQueueUrl) or queue
 /// URLs. Region and credentials come from the standard AWS chain unless given here.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -340,6 +328,130 @@ fn default_sqs_group_id_header() -> String {
 }
 fn default_sqs_dedup_header() -> String {
     "x-deduplication-id".into()
+}
+
+/// A Kafka cluster: destinations and sources are topics.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaBackend {
+    /// `host:port[,host:port...]`: librdkafka's `bootstrap.servers`.
+    pub bootstrap_servers: String,
+    /// librdkafka's `client.id`.
+    #[serde(default = "default_kafka_client_id")]
+    pub client_id: String,
+    /// Queue mappings consume in the consumer group `<group_prefix><source topic>`: one group
+    /// per mapping.
+    #[serde(default = "default_kafka_group_prefix")]
+    pub group_prefix: String,
+    /// `plaintext` (default), `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    #[serde(default)]
+    pub security_protocol: KafkaSecurityProtocol,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`; required with the `sasl_*` protocols.
+    #[serde(default)]
+    pub sasl_mechanism: Option<String>,
+    #[serde(default)]
+    pub sasl_username: Option<String>,
+    #[serde(default)]
+    pub sasl_password: Option<String>,
+    /// A PEM file of CA certificates to verify the brokers with (`ssl.ca.location`). Default:
+    /// the system's trust store.
+    #[serde(default)]
+    pub ssl_ca_location: Option<String>,
+    /// `none` (default), `gzip`, `snappy`, `lz4` or `zstd`.
+    #[serde(default = "default_kafka_compression")]
+    pub compression: String,
+    /// How long the producer waits to fill a batch (`linger.ms`).
+    #[serde(default = "default_kafka_linger_ms")]
+    pub linger_ms: u64,
+    /// The idempotent producer (`enable.idempotence`): no duplicates or reordering from the
+    /// client's own retries. Turn it off for services that refuse it.
+    #[serde(default = "default_kafka_idempotence")]
+    pub idempotence: bool,
+    /// How long librdkafka keeps retrying one send (`message.timeout.ms`) before it counts as
+    /// one failed attempt of `retry.max_attempts`.
+    #[serde(default = "default_kafka_delivery_timeout_ms")]
+    pub delivery_timeout_ms: u64,
+    /// The AMQP header whose value becomes the Kafka message key. Without it (or when a message
+    /// lacks the header) the routing key is the key.
+    #[serde(default)]
+    pub key_header: Option<String>,
+    /// Where a new consumer group starts reading: `earliest` (default) or `latest`.
+    #[serde(default = "default_kafka_offset_reset")]
+    pub auto_offset_reset: String,
+    /// Any other librdkafka property, applied last (so it overrides the keys above), e.g.
+    /// `session.timeout.ms: "6000"`.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+/// How the Kafka client reaches the brokers (librdkafka's `security.protocol`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaSecurityProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl KafkaSecurityProtocol {
+    /// The value librdkafka expects.
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            KafkaSecurityProtocol::Plaintext => "plaintext",
+            KafkaSecurityProtocol::Ssl => "ssl",
+            KafkaSecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            KafkaSecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    pub fn uses_sasl(self) -> bool {
+        matches!(
+            self,
+            KafkaSecurityProtocol::SaslPlaintext | KafkaSecurityProtocol::SaslSsl
+        )
+    }
+}
+
+fn default_kafka_client_id() -> String {
+    "warren".into()
+}
+fn default_kafka_group_prefix() -> String {
+    "warren.".into()
+}
+fn default_kafka_compression() -> String {
+    "none".into()
+}
+fn default_kafka_linger_ms() -> u64 {
+    5
+}
+fn default_kafka_idempotence() -> bool {
+    true
+}
+fn default_kafka_delivery_timeout_ms() -> u64 {
+    30_000
+}
+fn default_kafka_offset_reset() -> String {
+    "earliest".into()
+}
+
+fn default_redis_group() -> String {
+    "warren".into()
+}
+fn default_redis_consumer() -> String {
+    "warren".into()
+}
+fn default_block_ms() -> u64 {
+    1000
+}
+fn default_max_deliveries() -> u32 {
+    10
+}
+fn default_claim_idle_ms() -> u64 {
+    30_000
 }
 
 /// How long a bridge keeps trying before it gives up on a message (basic.nack to the publisher).
@@ -457,6 +569,7 @@ enum BackendKind {
     Amqp10,
     Redis,
     Mqtt,
+    Kafka,
     Sqs,
 }
 
@@ -502,6 +615,7 @@ impl<'de> Visitor<'de> for BackendVisitor {
             BackendKind::Amqp10 => Amqp10Backend::deserialize(rest).map(BackendConfig::Amqp10),
             BackendKind::Redis => RedisBackend::deserialize(rest).map(BackendConfig::Redis),
             BackendKind::Mqtt => MqttBackend::deserialize(rest).map(BackendConfig::Mqtt),
+            BackendKind::Kafka => KafkaBackend::deserialize(rest).map(BackendConfig::Kafka),
             BackendKind::Sqs => SqsBackend::deserialize(rest).map(BackendConfig::Sqs),
         }
     }

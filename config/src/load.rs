@@ -505,6 +505,7 @@ fn check(cfg: &ConfigFile) -> Result<(), Problem> {
             BackendConfig::Amqp10(b) => check_amqp10(b).map_err(|(k, m)| problem(at(&k), m))?,
             BackendConfig::Redis(b) => check_redis(b).map_err(|(k, m)| problem(at(&k), m))?,
             BackendConfig::Mqtt(b) => check_mqtt(b).map_err(|(k, m)| problem(at(&k), m))?,
+            BackendConfig::Kafka(b) => check_kafka(b).map_err(|(k, m)| problem(at(&k), m))?,
             BackendConfig::Sqs(b) => check_sqs(b).map_err(|(k, m)| problem(at(&k), m))?,
         }
         let retry = backend.retry();
@@ -748,6 +749,135 @@ fn check_mqtt(b: &crate::file::MqttBackend) -> Result<(), (Vec<&'static str>, St
     }
     if b.keep_alive_secs > u64::from(u16::MAX) {
         return Err((vec!["keep_alive_secs"], "at most 65535".into()));
+    }
+    Ok(())
+}
+
+/// A kafka backend's own checks: `(path below the backend, message)`. Messages never repeat
+/// the password.
+fn check_kafka(b: &crate::file::KafkaBackend) -> Result<(), (Vec<&'static str>, String)> {
+    if b.bootstrap_servers.trim().is_empty() {
+        return Err((
+            vec!["bootstrap_servers"],
+            "must not be empty (host:port[,host:port...])".into(),
+        ));
+    }
+    for server in b.bootstrap_servers.split(',').map(str::trim) {
+        let server = server
+            .strip_prefix("PLAINTEXT://")
+            .or_else(|| server.strip_prefix("SSL://"))
+            .or_else(|| server.strip_prefix("SASL_SSL://"))
+            .or_else(|| server.strip_prefix("SASL_PLAINTEXT://"))
+            .unwrap_or(server);
+        let valid = match server.rsplit_once(':') {
+            Some((host, port)) => {
+                !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+            }
+            None => false,
+        };
+        if !valid {
+            return Err((
+                vec!["bootstrap_servers"],
+                format!("`{server}` is not host:port (e.g. kafka-1.internal:9092)"),
+            ));
+        }
+    }
+    for (key, value) in [
+        ("client_id", &b.client_id),
+        ("group_prefix", &b.group_prefix),
+    ] {
+        if value.is_empty() {
+            return Err((vec![key], "must not be empty".into()));
+        }
+    }
+    const MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
+    match (&b.sasl_mechanism, b.security_protocol.uses_sasl()) {
+        (None, true) => {
+            return Err((
+                vec!["sasl_mechanism"],
+                format!(
+                    "required with security_protocol `{}`: one of {}",
+                    b.security_protocol.as_librdkafka(),
+                    MECHANISMS.join(", ")
+                ),
+            ))
+        }
+        (Some(_), false) => {
+            return Err((
+                vec!["sasl_mechanism"],
+                "needs security_protocol `sasl_plaintext` or `sasl_ssl`".into(),
+            ))
+        }
+        (Some(m), true) if !MECHANISMS.contains(&m.as_str()) => {
+            return Err((
+                vec!["sasl_mechanism"],
+                format!("`{m}`; expected one of {}", MECHANISMS.join(", ")),
+            ))
+        }
+        _ => {}
+    }
+    if b.security_protocol.uses_sasl() {
+        if b.sasl_username.as_deref().is_none_or(str::is_empty) {
+            return Err((vec!["sasl_username"], "required with SASL".into()));
+        }
+        if b.sasl_password.is_none() {
+            return Err((vec!["sasl_password"], "required with SASL".into()));
+        }
+    } else if b.sasl_username.is_some() {
+        return Err((
+            vec!["sasl_username"],
+            "needs security_protocol `sasl_plaintext` or `sasl_ssl`".into(),
+        ));
+    } else if b.sasl_password.is_some() {
+        return Err((
+            vec!["sasl_password"],
+            "needs security_protocol `sasl_plaintext` or `sasl_ssl`".into(),
+        ));
+    }
+    if b.ssl_ca_location.as_deref() == Some("") {
+        return Err((vec!["ssl_ca_location"], "must not be empty".into()));
+    }
+    if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&b.compression.as_str()) {
+        return Err((
+            vec!["compression"],
+            format!(
+                "`{}`; expected none, gzip, snappy, lz4 or zstd",
+                b.compression
+            ),
+        ));
+    }
+    if b.linger_ms > 900_000 {
+        return Err((vec!["linger_ms"], "at most 900000".into()));
+    }
+    if b.delivery_timeout_ms == 0 || b.delivery_timeout_ms > i32::MAX as u64 {
+        return Err((
+            vec!["delivery_timeout_ms"],
+            "must be between 1 and 2147483647".into(),
+        ));
+    }
+    if let Some(h) = &b.key_header {
+        if h.is_empty() {
+            return Err((vec!["key_header"], "must not be empty".into()));
+        }
+    }
+    if !["earliest", "latest"].contains(&b.auto_offset_reset.as_str()) {
+        return Err((
+            vec!["auto_offset_reset"],
+            format!("`{}`; expected earliest or latest", b.auto_offset_reset),
+        ));
+    }
+    // Settings the bridge's correctness rests on are not overridable: auto-commit would commit
+    // offsets of messages no client acknowledged.
+    for name in b.options.keys() {
+        if matches!(
+            name.as_str(),
+            "enable.auto.commit" | "enable.auto.offset.store" | "group.id" | "bootstrap.servers"
+        ) {
+            return Err((
+                vec!["options"],
+                format!("`{name}` is set by the bridge and cannot be overridden"),
+            ));
+        }
     }
     Ok(())
 }
@@ -1336,16 +1466,16 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
 
     #[test]
     fn unknown_backend_type() {
-        let text = "backends:\n  upstream:\n    type: kafka\n    url: amqp://h\n";
+        let text = "backends:\n  upstream:\n    type: nats\n    url: amqp://h\n";
         // The list of expected kinds grows with the bridges; check its start and members.
         let err = error(text, &[]);
         assert!(
             err.starts_with(
-                "warren.yaml:3:11: backends.upstream.type: unknown variant `kafka`, expected "
+                "warren.yaml:3:11: backends.upstream.type: unknown variant `nats`, expected "
             ),
             "{err}"
         );
-        for kind in ["`rabbitmq`", "`redis`"] {
+        for kind in ["`rabbitmq`", "`redis`", "`kafka`"] {
             assert!(err.contains(kind), "{err}");
         }
     }
@@ -1743,6 +1873,47 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
             let err = error(bad, &[]);
             assert!(err.contains(expected), "{err}");
             assert!(err.starts_with("warren.yaml:2:"), "{err}");
+        }
+    }
+
+    #[test]
+    fn kafka_example_and_checks() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/kafka.yaml");
+        let cfg = load_with_env(&path, env(&[("WARREN_TARGET_URL", "kafka-1:9092")])).unwrap();
+        let BackendConfig::Kafka(k) = &cfg.backends["kafka"] else {
+            panic!("{:?}", cfg.backends["kafka"]);
+        };
+        assert_eq!(k.bootstrap_servers, "kafka-1:9092");
+        assert_eq!(k.group_prefix, "warren.");
+        assert_eq!(k.compression, "none");
+        assert!(k.idempotence);
+        assert_eq!(
+            k.security_protocol,
+            crate::file::KafkaSecurityProtocol::Plaintext
+        );
+        assert_eq!(cfg.routes[0].destination, "demo");
+        assert_eq!(cfg.queues[0].source, "demo-in");
+        cfg.settings().unwrap();
+
+        let event_hubs = "backends:\n  eh:\n    type: kafka\n    bootstrap_servers: ns.servicebus.windows.net:9093\n    security_protocol: sasl_ssl\n    sasl_mechanism: PLAIN\n    sasl_username: $ConnectionString\n    sasl_password: \"Endpoint=sb://ns/;SharedAccessKeyName=k;SharedAccessKey=s\"\n    compression: gzip\n";
+        parse_env(event_hubs, &[]).unwrap();
+
+        for (yaml, want) in [
+            ("bootstrap_servers: \"\"", "bootstrap_servers: must not be empty"),
+            ("bootstrap_servers: kafka", "`kafka` is not host:port"),
+            ("bootstrap_servers: \"k:9092\", compression: brotli", "compression: `brotli`"),
+            ("bootstrap_servers: \"k:9092\", security_protocol: sasl_ssl", "sasl_mechanism: required"),
+            ("bootstrap_servers: \"k:9092\", security_protocol: sasl_ssl, sasl_mechanism: GSSAPI", "sasl_mechanism: `GSSAPI`"),
+            ("bootstrap_servers: \"k:9092\", security_protocol: sasl_plaintext, sasl_mechanism: SCRAM-SHA-256, sasl_username: u", "sasl_password: required"),
+            ("bootstrap_servers: \"k:9092\", sasl_username: u", "sasl_username: needs security_protocol"),
+            ("bootstrap_servers: \"k:9092\", options: {enable.auto.commit: \"true\"}", "cannot be overridden"),
+            ("bootstrap_servers: \"k:9092\", auto_offset_reset: none", "auto_offset_reset: `none`"),
+            ("bootstrap_servers: \"k:9092\", linger: 5", "unknown field `linger`"),
+        ] {
+            let text = format!("backends:\n  k: {{type: kafka, {yaml}}}\n");
+            let err = error(&text, &[]);
+            assert!(err.contains(want), "{yaml}: {err}");
+            assert!(err.contains(":2:"), "{yaml}: no line in {err}");
         }
     }
 

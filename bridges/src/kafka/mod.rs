@@ -1,0 +1,661 @@
+//! The Kafka bridge: a `Backend` whose destinations and sources are Kafka topics.
+//!
+//! # Client library
+//!
+//! [rdkafka] 0.39 over librdkafka 2.12 (compiled from source by `rdkafka-sys`, with OpenSSL
+//! for TLS and SASL/SCRAM, zlib and zstd). librdkafka is the client most Kafka-protocol
+//! services test against (Azure Event Hubs, Confluent Cloud, Redpanda, MSK).
+//!
+//! # Publishing
+//!
+//! One `ThreadedProducer` per bridge (`acks=all`, `enable.idempotence`, `compression.type`,
+//! `linger.ms`, `message.timeout.ms` from the configuration). [`Backend::publish`] never
+//! blocks: it maps the message to a record (`mapping.rs`) and hands it to the **engine task**
+//! over an unbounded channel (the gateway's confirm window bounds it). The engine produces it;
+//! librdkafka batches, compresses, retries and keeps order per partition by itself. The
+//! publisher's guard travels with the record as its delivery opaque and is released in the
+//! delivery report callback when the broker acknowledged the record (with `acks=all`: every
+//! in-sync replica has it). A failed delivery report (librdkafka gave up after
+//! `delivery_timeout_ms`, or a permanent error such as a record too large) counts one of
+//! `retry.max_attempts`; the record is produced again after a backoff, and past the budget the
+//! guard is failed (basic.nack). Permanent errors fail at once.
+//!
+//! A fatal error of the idempotent producer (the broker lost the producer's state, e.g. a
+//! restarted broker without persistent storage) makes librdkafka refuse every further send:
+//! the engine then builds a new producer, and the old one's records come back through their
+//! (purged) delivery reports and are produced again, each charged one attempt.
+//!
+//! # Consuming
+//!
+//! See `consume.rs`: a consumer group per queue mapping, manual offset commits up to the
+//! lowest unacknowledged offset of each partition.
+//!
+//! # Delivery guarantees
+//!
+//! At least once both ways. A record produced again after a failed delivery report may be in
+//! the topic twice (the idempotent producer only removes duplicates of its own internal
+//! retries); its `x-amqp-message-id` header (when the publisher set one) identifies it.
+
+mod consume;
+pub mod mapping;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::util::Timeout;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use warren_backends::store::Guard;
+use warren_backends::{Backend, BackendError, Health, Message, Subscription};
+use warren_config::file::{KafkaBackend, RetryConfig};
+
+use crate::BridgeError;
+
+/// How long `declare` waits for the cluster's metadata.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum State {
+    Connecting,
+    Ready,
+    Degraded,
+    Closed,
+}
+
+#[derive(Debug)]
+struct Status {
+    state: State,
+    last_error: Option<String>,
+}
+
+/// Counters, for logs and tests.
+#[derive(Debug, Default)]
+pub struct KafkaStats {
+    /// Messages handed to `publish`.
+    pub published: AtomicU64,
+    /// Records the broker acknowledged; their guards were released.
+    pub confirmed: AtomicU64,
+    /// Records produced again after a failed delivery report.
+    pub resent: AtomicU64,
+    /// Messages given up on: `guard.failed(..)` was called.
+    pub failed: AtomicU64,
+    /// Producers built (1 + those rebuilt after a fatal error).
+    pub producers: AtomicU64,
+    /// Offset commits sent by subscriptions.
+    pub commits: AtomicU64,
+}
+
+/// A message the bridge owes a completion for; it rides through librdkafka as the record's
+/// delivery opaque.
+pub(crate) struct Pending {
+    topic: String,
+    message: Arc<Message>,
+    record: mapping::Record,
+    attempts: u32,
+    guard: Option<Guard>,
+}
+
+impl Pending {
+    fn confirmed(mut self) {
+        self.guard.take();
+    }
+
+    fn fail(mut self, reason: &str) {
+        if let Some(g) = self.guard.take() {
+            g.failed(reason);
+        }
+    }
+}
+
+impl Drop for Pending {
+    /// A pending message is only ever dropped through `confirmed` or `fail`; anything else
+    /// (a panic, a producer torn down without its reports) must not look like a confirm.
+    fn drop(&mut self) {
+        if let Some(g) = self.guard.take() {
+            g.failed("kafka bridge dropped the message");
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) name: String,
+    /// The bootstrap servers (no credentials in them).
+    pub(crate) target: String,
+    pub(crate) config: KafkaBackend,
+    pub(crate) stats: KafkaStats,
+    status: Mutex<Status>,
+    pub(crate) closed: watch::Sender<bool>,
+    pub(crate) runtime: tokio::runtime::Handle,
+    /// Set by the producer's error callback on a fatal error: the engine rebuilds it.
+    producer_fatal: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    fn retry(&self) -> &RetryConfig {
+        &self.config.retry
+    }
+
+    pub(crate) fn set_state(&self, state: State, error: Option<String>) {
+        let mut status = self.status.lock();
+        if let Some(err) = error {
+            status.last_error = Some(err);
+        }
+        let from = status.state;
+        if from == State::Closed || from == state {
+            return;
+        }
+        status.state = state;
+        match state {
+            State::Degraded => tracing::warn!(
+                backend = %self.name, target = %self.target, from = ?from, to = ?state,
+                error = status.last_error.as_deref().unwrap_or(""),
+                "kafka bridge state change"
+            ),
+            _ => tracing::info!(
+                backend = %self.name, target = %self.target, from = ?from, to = ?state,
+                "kafka bridge state change"
+            ),
+        }
+    }
+
+    fn health(&self) -> Health {
+        let status = self.status.lock();
+        match status.state {
+            State::Ready => Health::Ready,
+            State::Closed => Health::Closed,
+            State::Connecting | State::Degraded => Health::Degraded(
+                status
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "connecting".into()),
+            ),
+        }
+    }
+
+    pub(crate) fn connect_error(&self, reason: impl Into<String>) -> BackendError {
+        BackendError::Connect {
+            backend: self.name.clone(),
+            target: self.target.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn closed_error(&self) -> BackendError {
+        BackendError::Closed {
+            backend: self.name.clone(),
+        }
+    }
+
+    /// The librdkafka settings every client of this bridge shares: servers, identity,
+    /// security. The producer and consumers add their own, then `options` go on top.
+    pub(crate) fn base_config(&self) -> ClientConfig {
+        let cfg = &self.config;
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &cfg.bootstrap_servers)
+            .set("client.id", &cfg.client_id)
+            .set("security.protocol", cfg.security_protocol.as_librdkafka());
+        if let Some(m) = &cfg.sasl_mechanism {
+            c.set("sasl.mechanism", m);
+        }
+        if let Some(u) = &cfg.sasl_username {
+            c.set("sasl.username", u);
+        }
+        if let Some(p) = &cfg.sasl_password {
+            c.set("sasl.password", p);
+        }
+        if let Some(ca) = &cfg.ssl_ca_location {
+            c.set("ssl.ca.location", ca);
+        }
+        // librdkafka's own log lines go to `tracing` (below) instead of stderr.
+        c.set_log_level(RDKafkaLogLevel::Info);
+        c
+    }
+
+    pub(crate) fn apply_options(&self, c: &mut ClientConfig) {
+        for (k, v) in &self.config.options {
+            c.set(k, v);
+        }
+    }
+
+    fn producer_config(&self) -> ClientConfig {
+        let cfg = &self.config;
+        let mut c = self.base_config();
+        c.set("acks", "all")
+            .set(
+                "enable.idempotence",
+                if cfg.idempotence { "true" } else { "false" },
+            )
+            .set("compression.type", &cfg.compression)
+            .set("linger.ms", cfg.linger_ms.to_string())
+            .set("message.timeout.ms", cfg.delivery_timeout_ms.to_string());
+        self.apply_options(&mut c);
+        c
+    }
+
+    /// Counts a failed attempt of `pending` and produces it again after a backoff, or fails it
+    /// once its budget is spent (or the error is permanent, or the bridge closed).
+    fn retry_later(
+        self: &Arc<Self>,
+        mut pending: Box<Pending>,
+        error: &KafkaError,
+        intake: &mpsc::UnboundedSender<Box<Pending>>,
+    ) {
+        pending.attempts += 1;
+        let max = self.retry().max_attempts;
+        let permanent = is_permanent(error);
+        if self.is_closed() || permanent || (max != 0 && pending.attempts >= max) {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            let why = if self.is_closed() {
+                format!(
+                    "kafka bridge '{}' closed before the broker acknowledged: {error}",
+                    self.name
+                )
+            } else if permanent {
+                format!(
+                    "kafka refused the record for topic '{}': {error}",
+                    pending.topic
+                )
+            } else {
+                format!(
+                    "kafka: no acknowledgement for topic '{}' after {} attempts: {error}",
+                    pending.topic, pending.attempts
+                )
+            };
+            tracing::warn!(backend = %self.name, topic = %pending.topic, attempts = pending.attempts, %error, "kafka bridge: giving up on a message (publisher gets basic.nack)");
+            pending.fail(&why);
+            return;
+        }
+        self.stats.resent.fetch_add(1, Ordering::Relaxed);
+        let delay = backoff_delay(self.retry(), pending.attempts);
+        let intake = intake.clone();
+        let me = self.clone();
+        self.runtime.spawn(async move {
+            tokio::time::sleep(delay).await;
+            if let Err(mpsc::error::SendError(p)) = intake.send(pending) {
+                me.stats.failed.fetch_add(1, Ordering::Relaxed);
+                p.fail(&format!("kafka bridge '{}' is closed", me.name));
+            }
+        });
+    }
+}
+
+/// Errors no retry fixes: the record itself or the topic is refused.
+fn is_permanent(error: &KafkaError) -> bool {
+    let code = match error {
+        KafkaError::MessageProduction(code) => *code,
+        _ => return false,
+    };
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::InvalidRecord
+    )
+}
+
+/// Forwards librdkafka's log lines to `tracing`.
+pub(crate) fn log_line(backend: &str, level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => tracing::error!(backend, fac, "librdkafka: {message}"),
+        RDKafkaLogLevel::Warning => tracing::warn!(backend, fac, "librdkafka: {message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(backend, fac, "librdkafka: {message}")
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(backend, fac, "librdkafka: {message}"),
+    }
+}
+
+/// The producer's callbacks: delivery reports settle guards, errors drive health.
+pub(crate) struct ProducerCtx {
+    shared: Arc<Shared>,
+    intake: mpsc::UnboundedSender<Box<Pending>>,
+}
+
+impl ClientContext for ProducerCtx {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        log_line(&self.shared.name, level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let fatal = matches!(&error, KafkaError::Global(RDKafkaErrorCode::Fatal))
+            || error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal);
+        if fatal {
+            tracing::error!(backend = %self.shared.name, %error, reason, "kafka producer: fatal error; rebuilding the producer");
+            self.shared.producer_fatal.store(true, Ordering::Release);
+        } else {
+            tracing::warn!(backend = %self.shared.name, %error, reason, "kafka producer error");
+        }
+        self.shared
+            .set_state(State::Degraded, Some(format!("{error}: {reason}")));
+    }
+}
+
+impl ProducerContext for ProducerCtx {
+    type DeliveryOpaque = Box<Pending>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, pending: Box<Pending>) {
+        match result {
+            Ok(_) => {
+                self.shared.stats.confirmed.fetch_add(1, Ordering::Relaxed);
+                self.shared.set_state(State::Ready, None);
+                pending.confirmed();
+            }
+            Err((error, _)) => {
+                tracing::debug!(backend = %self.shared.name, topic = %pending.topic, %error, "kafka delivery failed");
+                self.shared.retry_later(pending, error, &self.intake);
+            }
+        }
+    }
+}
+
+type KafkaProducer = ThreadedProducer<ProducerCtx>;
+
+fn build_producer(
+    shared: &Arc<Shared>,
+    intake: &mpsc::UnboundedSender<Box<Pending>>,
+) -> Result<KafkaProducer, KafkaError> {
+    let ctx = ProducerCtx {
+        shared: shared.clone(),
+        intake: intake.clone(),
+    };
+    let producer = shared.producer_config().create_with_context(ctx)?;
+    shared.stats.producers.fetch_add(1, Ordering::Relaxed);
+    Ok(producer)
+}
+
+/// Produces what `publish` and the retries hand over, in order; rebuilds the producer after a
+/// fatal error; flushes on close.
+async fn engine(
+    shared: Arc<Shared>,
+    mut producer: KafkaProducer,
+    mut rx: mpsc::UnboundedReceiver<Box<Pending>>,
+    intake: mpsc::UnboundedSender<Box<Pending>>,
+) {
+    let mut closed = shared.closed.subscribe();
+    let mut waiting: VecDeque<Box<Pending>> = VecDeque::new();
+    loop {
+        if shared.producer_fatal.swap(false, Ordering::AcqRel) {
+            match build_producer(&shared, &intake) {
+                Ok(fresh) => {
+                    let old = std::mem::replace(&mut producer, fresh);
+                    // Dropping purges the old producer's queue: each record comes back through
+                    // its delivery report (an error), which schedules it on the new one.
+                    let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+                }
+                Err(e) => {
+                    tracing::error!(backend = %shared.name, %e, "kafka bridge: cannot rebuild the producer; retrying");
+                    shared.producer_fatal.store(true, Ordering::Release);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
+        if waiting.is_empty() {
+            tokio::select! {
+                p = rx.recv() => match p {
+                    Some(p) => waiting.push_back(p),
+                    None => break,
+                },
+                _ = closed.changed() => {}
+                // Wakes up to notice a fatal error even when nothing is published.
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+        if shared.is_closed() {
+            break;
+        }
+        while let Ok(p) = rx.try_recv() {
+            waiting.push_back(p);
+        }
+        let mut full = false;
+        while let Some(p) = waiting.pop_front() {
+            if shared.producer_fatal.load(Ordering::Acquire) {
+                waiting.push_front(p);
+                break;
+            }
+            let record = p.record.clone();
+            let headers = record.owned_headers();
+            let topic = p.topic.clone();
+            // librdkafka copies the value (RD_KAFKA_MSG_F_COPY): the borrow ends with `send`.
+            let message = p.message.clone();
+            let mut base = BaseRecord::with_opaque_to(&topic, p)
+                .payload(message.body())
+                .headers(headers);
+            if let Some(key) = &record.key {
+                base = base.key(&key[..]);
+            }
+            if let Some(ts) = record.timestamp_ms {
+                base = base.timestamp(ts);
+            }
+            match producer.send(base) {
+                Ok(()) => {}
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    waiting.push_front(back.delivery_opaque);
+                    full = true;
+                    break;
+                }
+                Err((error, back)) => {
+                    shared.retry_later(back.delivery_opaque, &error, &intake);
+                }
+            }
+        }
+        if full {
+            // librdkafka's queue is full: its polling thread drains it as the broker acks.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // Closing: give what is queued a last chance, then fail the rest (purged reports see the
+    // bridge closed and fail their guards).
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Err(e) = producer.flush(Timeout::After(Duration::from_secs(5))) {
+            tracing::warn!(%e, "kafka bridge: flush on close did not finish");
+        }
+        drop(producer);
+    })
+    .await;
+    for p in waiting.drain(..) {
+        shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+        p.fail(&format!("kafka bridge '{}' is closed", shared.name));
+    }
+    rx.close();
+    while let Ok(p) = rx.try_recv() {
+        shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+        p.fail(&format!("kafka bridge '{}' is closed", shared.name));
+    }
+}
+
+/// Exponential backoff with jitter: retry `n` (1-based) waits a random time in
+/// `[max(initial, d/2), d]` where `d = min(initial * 2^(n-1), max)`.
+pub(crate) fn backoff_delay(retry: &RetryConfig, failures: u32) -> Duration {
+    let initial = retry.initial_backoff_ms.max(1);
+    let max = retry.max_backoff_ms.max(initial);
+    let exp = failures.saturating_sub(1).min(40);
+    let ceiling = initial.saturating_mul(1u64 << exp).min(max);
+    let floor = (ceiling / 2).max(initial).min(ceiling);
+    let ms = if floor == ceiling {
+        ceiling
+    } else {
+        rand::Rng::gen_range(&mut rand::thread_rng(), floor..=ceiling)
+    };
+    Duration::from_millis(ms)
+}
+
+/// The Kafka bridge. Build one with [`KafkaBridge::start`] (or [`crate::build`]).
+pub struct KafkaBridge {
+    shared: Arc<Shared>,
+    intake: mpsc::UnboundedSender<Box<Pending>>,
+    engine: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl KafkaBridge {
+    /// Validates `config`, creates the producer (which connects in the background: a cluster
+    /// that is down now is not an error) and spawns the engine task. Must be called inside a
+    /// Tokio runtime.
+    pub fn start(name: &str, config: &KafkaBackend) -> Result<Arc<KafkaBridge>, BridgeError> {
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| BridgeError::NoRuntime {
+                backend: name.to_string(),
+            })?;
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            target: config.bootstrap_servers.clone(),
+            config: config.clone(),
+            stats: KafkaStats::default(),
+            status: Mutex::new(Status {
+                state: State::Connecting,
+                last_error: None,
+            }),
+            closed: watch::channel(false).0,
+            runtime: runtime.clone(),
+            producer_fatal: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        // librdkafka checks every property here: a misspelt option is a configuration error.
+        let producer = build_producer(&shared, &tx).map_err(|e| BridgeError::Config {
+            backend: name.to_string(),
+            reason: format!("librdkafka producer: {e}"),
+        })?;
+        let engine = runtime.spawn(engine(shared.clone(), producer, rx, tx.clone()));
+        Ok(Arc::new(KafkaBridge {
+            shared,
+            intake: tx,
+            engine: Mutex::new(Some(engine)),
+        }))
+    }
+
+    pub fn stats(&self) -> &KafkaStats {
+        &self.shared.stats
+    }
+}
+
+#[async_trait]
+impl Backend for KafkaBridge {
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    fn publish(&self, destination: &str, message: Arc<Message>, guard: Guard) {
+        self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
+        let pending = Box::new(Pending {
+            topic: destination.to_string(),
+            record: mapping::to_record(&message, self.shared.config.key_header.as_deref()),
+            message,
+            attempts: 0,
+            guard: Some(guard),
+        });
+        if self.shared.is_closed() {
+            pending.fail(&format!("kafka bridge '{}' is closed", self.shared.name));
+            return;
+        }
+        if let Err(mpsc::error::SendError(p)) = self.intake.send(pending) {
+            p.fail(&format!("kafka bridge '{}' is closed", self.shared.name));
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        source: &str,
+        prefetch: u16,
+    ) -> Result<Box<dyn Subscription>, BackendError> {
+        if self.shared.is_closed() {
+            return Err(self.shared.closed_error());
+        }
+        let sub = consume::KafkaSubscription::start(self.shared.clone(), source, prefetch)?;
+        Ok(Box::new(sub))
+    }
+
+    /// Checks that the topic exists (or that the cluster creates it on first use): a metadata
+    /// request for it.
+    async fn declare(&self, destination: &str) -> Result<(), BackendError> {
+        let shared = self.shared.clone();
+        let topic = destination.to_string();
+        let result = tokio::task::spawn_blocking(move || -> Result<(), BackendError> {
+            let mut c = shared.base_config();
+            shared.apply_options(&mut c);
+            let client: rdkafka::producer::BaseProducer = c
+                .create()
+                .map_err(|e| shared.connect_error(e.to_string()))?;
+            let md = client
+                .client()
+                .fetch_metadata(Some(&topic), METADATA_TIMEOUT)
+                .map_err(|e| shared.connect_error(e.to_string()))?;
+            match md.topics().iter().find(|t| t.name() == topic) {
+                Some(t) if t.error().is_none() => Ok(()),
+                _ => Err(BackendError::NotFound {
+                    backend: shared.name.clone(),
+                    destination: topic.clone(),
+                }),
+            }
+        })
+        .await;
+        match result {
+            Ok(r) => r,
+            Err(e) => Err(self.shared.connect_error(e.to_string())),
+        }
+    }
+
+    /// Kafka keeps records after they are consumed; there is no queue depth to report.
+    async fn depth(&self, _destination: &str) -> Result<Option<u64>, BackendError> {
+        Ok(None)
+    }
+
+    fn health(&self) -> Health {
+        self.shared.health()
+    }
+
+    async fn close(&self) {
+        self.shared.closed.send_replace(true);
+        let engine = self.engine.lock().take();
+        if let Some(engine) = engine {
+            let _ = engine.await;
+        }
+        self.shared.set_state(State::Closed, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let retry = RetryConfig {
+            max_attempts: 1,
+            initial_backoff_ms: 100,
+            max_backoff_ms: 1000,
+        };
+        assert_eq!(backoff_delay(&retry, 1), Duration::from_millis(100));
+        let d = backoff_delay(&retry, 3);
+        assert!(d >= Duration::from_millis(200) && d <= Duration::from_millis(400));
+        assert!(backoff_delay(&retry, 30) <= Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn permanent_errors() {
+        assert!(is_permanent(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge
+        )));
+        assert!(!is_permanent(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageTimedOut
+        )));
+    }
+}
