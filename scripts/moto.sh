@@ -90,9 +90,10 @@ start() {
     install
     mkdir -p "$DIR"
     if ! running; then
-        # Recording off at start; `record` turns it on (through moto's API) for a test.
+        # Recording off at start; `record` turns it on (through moto's API) for a test. Its own
+        # session (setsid), like a daemon: it outlives the shell that started it; `stop` ends it.
         MOTO_RECORDER_FILEPATH="$DIR/recording.jsonl" \
-            nohup "$VENV/bin/moto_server" -H 127.0.0.1 -p "$PORT" >>"$DIR/moto.log" 2>&1 &
+            setsid nohup "$VENV/bin/moto_server" -H 127.0.0.1 -p "$PORT" >>"$DIR/moto.log" 2>&1 </dev/null &
         echo $! >"$DIR/moto.pid"
     fi
     for _ in $(seq 1 200); do

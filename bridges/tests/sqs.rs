@@ -259,7 +259,7 @@ async fn publishes_become_sqs_messages_and_come_back_with_every_property() {
         message("a.c", BasicProperties::default(), &b"\x00\xffbinary"[..]),
         outcomes.guard(1),
     );
-    outcomes.wait_done(2, Duration::from_secs(10)).await;
+    outcomes.wait_done(2, Duration::from_secs(30)).await;
     assert!(outcomes.failed.lock().unwrap().is_empty());
     assert_eq!(bridge.depth(&queue).await.unwrap(), Some(2));
 
@@ -337,7 +337,7 @@ async fn publishes_become_sqs_messages_and_come_back_with_every_property() {
     for m in got.values() {
         m.settle.settle(Settlement::Ack);
     }
-    wait_counts(&c, &url, (0, 0), Duration::from_secs(10)).await;
+    wait_counts(&c, &url, (0, 0), Duration::from_secs(30)).await;
     assert_eq!(bridge.stats().deleted.load(Ordering::Relaxed), 3);
     assert_eq!(bridge.health(), Health::Ready);
     bridge.close().await;
@@ -388,7 +388,7 @@ async fn batches_many_headers_oversized_messages_and_missing_queues() {
         message("k", BasicProperties::default(), "lost"),
         outcomes.guard(202),
     );
-    outcomes.wait_done(203, Duration::from_secs(30)).await;
+    outcomes.wait_done(203, Duration::from_secs(60)).await;
     let failed = outcomes.failed.lock().unwrap().clone();
     let failed: HashMap<usize, String> = failed.into_iter().collect();
     assert_eq!(failed.len(), 2, "{failed:?}");
@@ -473,7 +473,7 @@ async fn requeue_redelivers_and_reject_dead_letters_through_the_redrive_policy()
         message("d", props.clone(), "dropped"),
         outcomes.guard(2),
     );
-    outcomes.wait_done(3, Duration::from_secs(10)).await;
+    outcomes.wait_done(3, Duration::from_secs(30)).await;
     assert!(outcomes.failed.lock().unwrap().is_empty());
 
     let mut sub = bridge.subscribe(&queue, 10).await.unwrap();
@@ -490,10 +490,10 @@ async fn requeue_redelivers_and_reject_dead_letters_through_the_redrive_policy()
     assert_eq!(body_text(&again), "requeued");
     assert!(again.redelivered, "ApproximateReceiveCount 2");
     again.settle.settle(Settlement::Ack);
-    wait_counts(&c, &url, (0, 0), Duration::from_secs(10)).await;
+    wait_counts(&c, &url, (0, 0), Duration::from_secs(30)).await;
 
     // The rejected one is on the dead-letter queue, as it was.
-    wait_counts(&c, &dlq_url, (1, 0), Duration::from_secs(10)).await;
+    wait_counts(&c, &dlq_url, (1, 0), Duration::from_secs(30)).await;
     let mut dead = bridge.subscribe(&dlq, 10).await.unwrap();
     let d = next(&mut dead).await;
     assert_eq!(body_text(&d), "rejected");
@@ -501,16 +501,39 @@ async fn requeue_redelivers_and_reject_dead_letters_through_the_redrive_policy()
     d.settle.settle(Settlement::Ack);
     assert_eq!(bridge.stats().dead_lettered.load(Ordering::Relaxed), 1);
 
+    // Requeued past the redrive policy's maxReceiveCount: SQS itself moves it to the
+    // dead-letter queue.
+    let tired = unique("tired");
+    let policy = format!("{{\"deadLetterTargetArn\":\"{arn}\",\"maxReceiveCount\":\"2\"}}");
+    let tired_url = create_queue(&c, &tired, &[(QueueAttributeName::RedrivePolicy, &policy)]).await;
+    bridge.publish(
+        &tired,
+        message("t", props.clone(), "tired"),
+        outcomes.guard(3),
+    );
+    outcomes.wait_done(4, Duration::from_secs(30)).await;
+    let mut tired_sub = bridge.subscribe(&tired, 10).await.unwrap();
+    for _ in 0..2 {
+        let t = next(&mut tired_sub).await;
+        assert_eq!(body_text(&t), "tired");
+        t.settle.settle(Settlement::Requeue);
+    }
+    let t = next(&mut dead).await;
+    assert_eq!(body_text(&t), "tired");
+    assert!(t.redelivered, "received twice before");
+    t.settle.settle(Settlement::Ack);
+    wait_counts(&c, &tired_url, (0, 0), Duration::from_secs(30)).await;
+
     // Without a redrive policy a rejected message is dropped.
     let mut plain_sub = bridge.subscribe(&plain, 10).await.unwrap();
     let p = next(&mut plain_sub).await;
     p.settle.settle(Settlement::Reject);
-    wait_counts(&c, &plain_url, (0, 0), Duration::from_secs(10)).await;
-    wait_counts(&c, &dlq_url, (0, 0), Duration::from_secs(10)).await;
+    wait_counts(&c, &plain_url, (0, 0), Duration::from_secs(30)).await;
+    wait_counts(&c, &dlq_url, (0, 0), Duration::from_secs(30)).await;
 
     bridge.close().await;
-    drop((sub, dead, plain_sub));
-    for u in [url, dlq_url, plain_url] {
+    drop((sub, dead, plain_sub, tired_sub));
+    for u in [url, dlq_url, plain_url, tired_url] {
         c.delete_queue().queue_url(u).send().await.unwrap();
     }
 }
@@ -530,7 +553,7 @@ async fn visibility_is_extended_while_a_client_holds_a_message() {
         message("k", BasicProperties::default(), "held"),
         outcomes.guard(0),
     );
-    outcomes.wait_done(1, Duration::from_secs(10)).await;
+    outcomes.wait_done(1, Duration::from_secs(30)).await;
     let mut sub = bridge.subscribe(&queue, 1).await.unwrap();
     let m = next(&mut sub).await;
     // Held three visibility timeouts: nobody else may get it meanwhile.
@@ -550,7 +573,7 @@ async fn visibility_is_extended_while_a_client_holds_a_message() {
     }
     assert!(bridge.stats().extended.load(Ordering::Relaxed) >= 2);
     m.settle.settle(Settlement::Ack);
-    wait_counts(&c, &url, (0, 0), Duration::from_secs(10)).await;
+    wait_counts(&c, &url, (0, 0), Duration::from_secs(30)).await;
     bridge.close().await;
     drop(sub);
     c.delete_queue().queue_url(&url).send().await.unwrap();
@@ -600,7 +623,7 @@ async fn fifo_queues_keep_order_per_message_group_and_deduplicate() {
         outcomes.guard(n),
     );
     n += 1;
-    outcomes.wait_done(n, Duration::from_secs(20)).await;
+    outcomes.wait_done(n, Duration::from_secs(60)).await;
     let failed = outcomes.failed.lock().unwrap().clone();
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert!(failed[0].1.contains("MessageGroupId"), "{failed:?}");
@@ -625,7 +648,7 @@ async fn fifo_queues_keep_order_per_message_group_and_deduplicate() {
     others.sort();
     assert_eq!(others, ["dup", "keyed"]);
     assert!(next_of.values().all(|&v| v == per_group), "{next_of:?}");
-    wait_counts(&c, &url, (0, 0), Duration::from_secs(10)).await;
+    wait_counts(&c, &url, (0, 0), Duration::from_secs(30)).await;
     bridge.close().await;
     drop(sub);
     c.delete_queue().queue_url(&url).send().await.unwrap();
@@ -648,7 +671,7 @@ async fn unacknowledged_messages_come_back_after_a_consumer_restart() {
             outcomes.guard(i),
         );
     }
-    outcomes.wait_done(3, Duration::from_secs(10)).await;
+    outcomes.wait_done(3, Duration::from_secs(30)).await;
     let mut sub = first.subscribe(&queue, 10).await.unwrap();
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -674,7 +697,7 @@ async fn unacknowledged_messages_come_back_after_a_consumer_restart() {
     }
     bodies.sort();
     assert_eq!(bodies, ["m0", "m1", "m2"]);
-    wait_counts(&c, &url, (0, 0), Duration::from_secs(10)).await;
+    wait_counts(&c, &url, (0, 0), Duration::from_secs(30)).await;
     second.close().await;
     drop(sub);
     c.delete_queue().queue_url(&url).send().await.unwrap();
