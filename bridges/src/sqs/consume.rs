@@ -1,6 +1,7 @@
 //! Subscriptions: long-polling receivers feeding a queue mapping.
 //!
-//! - **Pollers.** `ceil(prefetch / 10)` tasks (at most 10), each looping on ReceiveMessage with
+//! - **Pollers.** `ceil(prefetch / 10)` tasks (at most 10; one for a FIFO queue, so that its
+//!   receives are sequential and a group's order is kept), each looping on ReceiveMessage with
 //!   `MaxNumberOfMessages` = the credit it could take (1–10), `WaitTimeSeconds` =
 //!   `wait_time_secs` and `VisibilityTimeout` = `visibility_timeout_secs`. Credit is a semaphore
 //!   of `prefetch` permits: one per message received and not yet settled, so at most `prefetch`
@@ -133,7 +134,14 @@ impl SqsSubscription {
         let credit = Arc::new(Semaphore::new(prefetch));
         let (tx, rx) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
-        let pollers = prefetch.div_ceil(BATCH).clamp(1, MAX_POLLERS);
+        // A FIFO queue gets one poller: its receives are then sequential, so the order of a
+        // message group is the order the messages are handed on. (SQS itself holds back a group
+        // while any of its messages is in flight; moto does not, for receives that overlap.)
+        let pollers = if is_fifo(source) {
+            1
+        } else {
+            prefetch.div_ceil(BATCH).clamp(1, MAX_POLLERS)
+        };
         for _ in 0..pollers {
             shared
                 .runtime
