@@ -5,6 +5,7 @@
 #   scripts/tansu.sh stop           stop the broker and its storage (only these)
 #   scripts/tansu.sh kill-restart   kill -9 the broker and start it again (its storage stays up)
 #   scripts/tansu.sh url            print the bootstrap address (host:port)
+#   scripts/tansu.sh sasl-url       print the address of the SASL/SCRAM broker (see below)
 #   scripts/tansu.sh create-topic NAME [PARTITIONS]   create a topic (default 3 partitions)
 #   scripts/tansu.sh status         exit 0 if the broker is running
 #
@@ -18,6 +19,11 @@
 # and restarted with its topics, records and committed offsets intact — the moto process keeps
 # them (in its memory: stopping the whole setup loses them). WARREN_TANSU_STORAGE=memory uses
 # tansu's memory engine instead (no moto; a restart loses everything).
+#
+# A second broker requires SASL authentication (`--authentication`, SCRAM) on 127.0.0.1:9194
+# (WARREN_TANSU_SASL_PORT, memory storage) and knows no users: tansu 0.6's admin client cannot
+# log in to create one, and users created before a restart with authentication on are not kept.
+# Tests use it to see the SCRAM exchange happen and a refused login nack the publisher.
 set -euo pipefail
 
 CALFKIT_VERSION=0.1.2
@@ -31,6 +37,8 @@ PORT=${WARREN_TANSU_PORT:-9192}
 S3_PORT=${WARREN_TANSU_S3_PORT:-9193}
 STORAGE=${WARREN_TANSU_STORAGE:-s3}
 ADDR="127.0.0.1:$PORT"
+SASL_PORT=${WARREN_TANSU_SASL_PORT:-9194}
+SASL_ADDR="127.0.0.1:$SASL_PORT"
 S3_URL="http://127.0.0.1:$S3_PORT"
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -147,12 +155,30 @@ start_broker() {
     die "tansu did not listen on $ADDR (log: $DIR/tansu.log)"
 }
 
+# The SASL broker: requires authentication and has no users (see the header).
+start_sasl() {
+    local bin
+    bin=$(tansu_bin)
+    running tansu-sasl && return
+    nohup "$bin" broker --cluster-id warren-auth --listener-url "tcp://$SASL_ADDR" \
+        --advertised-listener-url "tcp://$SASL_ADDR" --storage-engine memory://tansu-auth/ \
+        --authentication >>"$DIR/tansu-sasl.log" 2>&1 &
+    echo $! >"$DIR/tansu-sasl.pid"
+    for _ in $(seq 1 200); do
+        listening "$SASL_PORT" && return
+        running tansu-sasl || die "tansu (SASL) exited (log: $DIR/tansu-sasl.log)"
+        sleep 0.05
+    done
+    die "tansu (SASL) did not listen on $SASL_ADDR (log: $DIR/tansu-sasl.log)"
+}
+
 start() {
     install
     mkdir -p "$DIR"
     if [ "$STORAGE" = s3 ]; then
         start_s3
     fi
+    start_sasl
     start_broker
     echo "$ADDR"
 }
@@ -189,16 +215,17 @@ kill_restart() {
 
 case "${1:-}" in
     start) start ;;
-    stop) stop_one tansu; stop_one moto ;;
+    stop) stop_one tansu; stop_one tansu-sasl; stop_one moto ;;
     kill-restart) kill_restart ;;
     url) echo "$ADDR" ;;
+    sasl-url) echo "$SASL_ADDR" ;;
     create-topic)
         [ -n "${2:-}" ] || die "usage: $0 create-topic NAME [PARTITIONS]"
         "$(tansu_bin)" topic create --broker "tcp://$ADDR" --partitions "${3:-3}" "$2" >&2
         ;;
     status) running tansu ;;
     *)
-        sed -n '2,20p' "$0" >&2
+        sed -n '2,28p' "$0" >&2
         exit 2
         ;;
 esac

@@ -144,7 +144,9 @@ export WARREN_TEST_SQS_URL
 exit_trap=$(trap -p EXIT | sed -E -e "s/^trap -- '(.*)' EXIT\$/\\1/" -e "s/'\\\\''/'/g")
 trap "${exit_trap:+$exit_trap; }scripts/tansu.sh stop >/dev/null 2>&1 || true" EXIT
 WARREN_TEST_KAFKA_URL=$(scripts/tansu.sh start)
-export WARREN_TEST_KAFKA_URL
+# A second tansu on 9194 that requires SASL/SCRAM, for the refused-login test.
+WARREN_TEST_KAFKA_SASL_URL=$(scripts/tansu.sh sasl-url)
+export WARREN_TEST_KAFKA_URL WARREN_TEST_KAFKA_SASL_URL
 
 # --- Build dependencies ------------------------------------------------------------------------
 

@@ -613,3 +613,43 @@ async fn nothing_confirmed_is_lost_when_the_broker_is_killed_mid_stream() {
         found.len()
     );
 }
+
+/// SASL/SCRAM against tansu's authenticating broker (`scripts/tansu.sh sasl-url`), which knows
+/// no users (tansu 0.6 cannot keep one, see scripts/tansu.sh): for both SCRAM mechanisms the
+/// exchange reaches the broker, which refuses the unknown user, and the publisher gets a nack,
+/// not a confirm; health says why. A successful login is not tested here.
+#[tokio::test]
+async fn sasl_scram_is_spoken_and_a_refused_login_nacks() {
+    init_logs();
+    let _lock = server_lock(false);
+    let sasl_url = support::env_url(
+        "WARREN_TEST_KAFKA_SASL_URL",
+        "tansu",
+        "Kafka-protocol broker requiring SASL",
+    );
+    for mechanism in ["SCRAM-SHA-256", "SCRAM-SHA-512"] {
+        let mut cfg = config();
+        cfg.bootstrap_servers = sasl_url.clone();
+        cfg.security_protocol = KafkaSecurityProtocol::SaslPlaintext;
+        cfg.sasl_mechanism = Some(mechanism.into());
+        cfg.sasl_username = Some("warren".into());
+        cfg.sasl_password = Some("warren-secret".into());
+        cfg.delivery_timeout_ms = 2_000;
+        cfg.retry.max_attempts = 1;
+        let bridge = KafkaBridge::start("kafka-sasl", &cfg).unwrap();
+        let outcomes = Arc::new(Outcomes::default());
+        bridge.publish(
+            &unique("sasl"),
+            message("k", BasicProperties::default(), &b"x"[..]),
+            outcomes.guard(0),
+        );
+        outcomes.wait_done(1, Duration::from_secs(30)).await;
+        assert!(outcomes.confirmed.lock().unwrap().is_empty(), "{mechanism}");
+        assert_eq!(outcomes.failed.lock().unwrap().len(), 1, "{mechanism}");
+        match bridge.health() {
+            Health::Degraded(why) => assert!(why.contains("Authentication"), "{mechanism}: {why}"),
+            other => panic!("{mechanism}: {other:?}"),
+        }
+        bridge.close().await;
+    }
+}

@@ -344,8 +344,12 @@ impl ClientContext for ProducerCtx {
         } else {
             tracing::warn!(backend = %self.shared.name, %error, reason, "kafka producer error");
         }
-        self.shared
-            .set_state(State::Degraded, Some(format!("{error}: {reason}")));
+        // "All brokers down" follows the cause (refused login, TLS failure, connection refused)
+        // that health should keep showing.
+        let consequence = error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown)
+            && self.shared.status.lock().last_error.is_some();
+        let text = (!consequence).then(|| format!("{error}: {reason}"));
+        self.shared.set_state(State::Degraded, text);
     }
 }
 
@@ -392,6 +396,10 @@ async fn engine(
 ) {
     let mut closed = shared.closed.subscribe();
     let mut waiting: VecDeque<Box<Pending>> = VecDeque::new();
+    // What a record borrows while `send` copies it, kept across records so that producing one
+    // allocates nothing here (the pending message moves into the record as its opaque).
+    let mut topic = String::new();
+    let mut key: Vec<u8> = Vec::new();
     loop {
         if shared.producer_fatal.swap(false, Ordering::AcqRel) {
             match build_producer(&shared, &intake) {
@@ -432,18 +440,24 @@ async fn engine(
                 waiting.push_front(p);
                 break;
             }
-            let record = p.record.clone();
-            let headers = record.owned_headers();
-            let topic = p.topic.clone();
+            let headers = p.record.owned_headers();
+            if topic != p.topic {
+                topic.clone_from(&p.topic);
+            }
+            let has_key = p.record.key.as_ref().map(|k| {
+                key.clear();
+                key.extend_from_slice(k);
+            });
+            let timestamp = p.record.timestamp_ms;
             // librdkafka copies the value (RD_KAFKA_MSG_F_COPY): the borrow ends with `send`.
             let message = p.message.clone();
             let mut base = BaseRecord::with_opaque_to(&topic, p)
                 .payload(message.body())
                 .headers(headers);
-            if let Some(key) = &record.key {
+            if has_key.is_some() {
                 base = base.key(&key[..]);
             }
-            if let Some(ts) = record.timestamp_ms {
+            if let Some(ts) = timestamp {
                 base = base.timestamp(ts);
             }
             match producer.send(base) {
