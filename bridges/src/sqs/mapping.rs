@@ -134,8 +134,8 @@ fn native(value: &AMQPValue) -> Option<(&'static str, Native)> {
     }
 }
 
-/// The SQS message `message` is sent as. `Err` when it cannot be (a routing key over 255
-/// bytes cannot happen in AMQP, so this never fails in practice; kept for safety).
+/// The SQS message `message` is sent as (see the module docs). Whether it fits SQS's size
+/// limit is the caller's check, on `size`.
 pub fn to_sqs(message: &Message) -> Outgoing {
     let (body, flags) = match sqs_text(message.body()) {
         Some(text) => (text.to_string(), 0),
