@@ -30,6 +30,7 @@
 #   BENCH_OUT [target/bench]    results-bridges-<time>.jsonl / .md are written there
 #   BENCH_BRIDGES_RESULTS       write the JSON lines to this file instead
 #   BENCH_NO_BUILD=1            use target/release as it is (scripts/bench.sh has just built it)
+#   WARREN_BIN                  another warren binary to measure (e.g. a copy of an earlier build)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -47,7 +48,7 @@ RESULTS=${BENCH_BRIDGES_RESULTS:-$BENCH_OUT/results-bridges-$STAMP.jsonl}
 TABLE="${RESULTS%.jsonl}.md"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/warren-bench-bridges.XXXXXX")
 BENCH="$ROOT/target/release/warren-bench"
-WARREN="$ROOT/target/release/warren"
+WARREN=${WARREN_BIN:-$ROOT/target/release/warren}
 
 log() { printf '==> [%s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

@@ -11,7 +11,7 @@
 # Environment (defaults in brackets):
 #   BENCH_SECONDS [10]   measured seconds per throughput run (after a 1 s warm-up)
 #   BENCH_RUNS    [3]    runs per scenario and broker; the tables show medians
-#   BENCH_SCENARIOS ["S1 S2 S3 S4 S5 S6 S7 S8"]   throughput scenarios to run
+#   BENCH_SCENARIOS ["S1 S2 S3 S4 S5 S6 S7 S8"]   throughput scenarios to run ("" for none)
 #   BENCH_MEMORY  [1]    0 skips the memory scenarios (M1 idle connections, M2 queued messages)
 #   BENCH_BRIDGES [1]    0 skips the bridge scenarios (B1 Kafka, B2 AMQP 1.0: scripts/bench-bridges.sh,
 #                        run against this script's RabbitMQ node, which then has rabbitmq_amqp1_0)
@@ -30,7 +30,7 @@ ROOT=$(pwd)
 
 BENCH_SECONDS=${BENCH_SECONDS:-10}
 BENCH_RUNS=${BENCH_RUNS:-3}
-BENCH_SCENARIOS=${BENCH_SCENARIOS:-"S1 S2 S3 S4 S5 S6 S7 S8"}
+BENCH_SCENARIOS=${BENCH_SCENARIOS-"S1 S2 S3 S4 S5 S6 S7 S8"}
 BENCH_MEMORY=${BENCH_MEMORY:-1}
 BENCH_BRIDGES=${BENCH_BRIDGES:-1}
 BENCH_DEEP=${BENCH_DEEP:-10000000}
