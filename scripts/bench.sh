@@ -446,7 +446,9 @@ fi
     echo "BENCH_SECONDS=$BENCH_SECONDS, BENCH_RUNS=$BENCH_RUNS, $(date -u '+%Y-%m-%d %H:%M UTC');" \
         "load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)."
     echo
-    "$BENCH" report --targets "$RESULTS"
+    if [ -s "$RESULTS" ]; then
+        "$BENCH" report --targets "$RESULTS"
+    fi
     if [ -s "$BRIDGE_RESULTS" ]; then
         echo
         echo "Bridges: through Warren (subject) against the client library publishing directly (baseline)."
