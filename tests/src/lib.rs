@@ -117,3 +117,22 @@ pub fn start_server_with_plan(plan: warren_gateway::routes::RoutingPlan) -> Serv
         .expect("bind an ephemeral loopback port")
         .spawn()
 }
+
+/// The lock on a shared test broker, `target/<dir>/tests.lock`, taken by the bridge tests too:
+/// shared while a test uses the broker, exclusive while a test restarts it.
+pub fn broker_lock(dir: &str, exclusive: bool) -> std::fs::File {
+    let dir = workspace_root().join("target").join(dir);
+    std::fs::create_dir_all(&dir).expect("lock dir");
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("tests.lock"))
+        .expect("lock file");
+    if exclusive {
+        file.lock().expect("lock");
+    } else {
+        file.lock_shared().expect("lock");
+    }
+    file
+}

@@ -43,20 +43,7 @@ fn kafka_url() -> String {
 
 /// Shared with the bridge tests: a restart of the broker needs it alone.
 fn broker_lock(exclusive: bool) -> File {
-    let dir = warren_tests::workspace_root().join("target/tansu");
-    std::fs::create_dir_all(&dir).expect("lock dir");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("tests.lock"))
-        .expect("lock file");
-    if exclusive {
-        file.lock().expect("lock");
-    } else {
-        file.lock_shared().expect("lock");
-    }
-    file
+    warren_tests::broker_lock("tansu", exclusive)
 }
 
 fn unique(prefix: &str) -> String {

@@ -36,16 +36,7 @@ fn mqtt_url() -> String {
 
 /// Shared with the bridge tests: a restart of the broker needs it alone.
 fn broker_lock() -> File {
-    let dir = warren_tests::workspace_root().join("target/mosquitto");
-    std::fs::create_dir_all(&dir).expect("lock dir");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("tests.lock"))
-        .expect("lock file");
-    file.lock_shared().expect("lock");
-    file
+    warren_tests::broker_lock("mosquitto", false)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,16 +29,7 @@ fn env_url(var: &str, script: &str) -> String {
 
 /// The broker's test lock, exclusive: this test restarts it (shared with the bridge tests).
 fn exclusive_lock(dir: &str) -> File {
-    let dir = warren_tests::workspace_root().join("target").join(dir);
-    std::fs::create_dir_all(&dir).expect("lock dir");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("tests.lock"))
-        .expect("lock file");
-    file.lock().expect("lock");
-    file
+    warren_tests::broker_lock(dir, true)
 }
 
 fn unique(prefix: &str) -> String {

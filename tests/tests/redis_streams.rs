@@ -34,16 +34,7 @@ fn redis_url() -> String {
 
 /// Shared with the bridge tests: a restart of the server needs it alone.
 fn server_lock() -> File {
-    let dir = warren_tests::workspace_root().join("target/redis");
-    std::fs::create_dir_all(&dir).expect("lock dir");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("tests.lock"))
-        .expect("lock file");
-    file.lock_shared().expect("lock");
-    file
+    warren_tests::broker_lock("redis", false)
 }
 
 fn field(map: &std::collections::HashMap<String, redis::Value>, name: &str) -> String {

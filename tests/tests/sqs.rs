@@ -41,16 +41,7 @@ fn sqs_url() -> String {
 /// Shared with the bridge tests (whose restart test needs the server alone). Exclusive here:
 /// the example's queue names `demo` and `demo-in` are shared by this file's tests.
 fn server_lock() -> File {
-    let dir = warren_tests::workspace_root().join("target/moto");
-    std::fs::create_dir_all(&dir).expect("lock dir");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("tests.lock"))
-        .expect("lock file");
-    file.lock().expect("lock");
-    file
+    warren_tests::broker_lock("moto", true)
 }
 
 async fn sqs_client(url: &str) -> Client {
