@@ -32,6 +32,8 @@ pub mod rabbitmq;
 pub mod redis;
 #[cfg(feature = "sqs")]
 pub mod sqs;
+#[cfg(any(feature = "kafka", feature = "redis"))]
+mod status;
 #[cfg(any(feature = "mqtt", feature = "redis"))]
 mod tls;
 

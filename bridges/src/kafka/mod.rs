@@ -39,6 +39,8 @@
 mod consume;
 pub mod mapping;
 
+use crate::status::LinkStatus;
+pub(crate) use crate::status::State;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -61,20 +63,6 @@ use crate::BridgeError;
 
 /// How long `declare` waits for the cluster's metadata.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum State {
-    Connecting,
-    Ready,
-    Degraded,
-    Closed,
-}
-
-#[derive(Debug)]
-struct Status {
-    state: State,
-    last_error: Option<String>,
-}
 
 /// Counters, for logs and tests.
 #[derive(Debug, Default)]
@@ -131,7 +119,7 @@ pub(crate) struct Shared {
     pub(crate) target: String,
     pub(crate) config: KafkaBackend,
     pub(crate) stats: KafkaStats,
-    status: Mutex<Status>,
+    status: LinkStatus,
     pub(crate) closed: watch::Sender<bool>,
     pub(crate) runtime: tokio::runtime::Handle,
     /// Set by the producer's error callback on a fatal error: the engine rebuilds it.
@@ -148,40 +136,11 @@ impl Shared {
     }
 
     pub(crate) fn set_state(&self, state: State, error: Option<String>) {
-        let mut status = self.status.lock();
-        if let Some(err) = error {
-            status.last_error = Some(err);
-        }
-        let from = status.state;
-        if from == State::Closed || from == state {
-            return;
-        }
-        status.state = state;
-        match state {
-            State::Degraded => tracing::warn!(
-                backend = %self.name, target = %self.target, from = ?from, to = ?state,
-                error = status.last_error.as_deref().unwrap_or(""),
-                "kafka bridge state change"
-            ),
-            _ => tracing::info!(
-                backend = %self.name, target = %self.target, from = ?from, to = ?state,
-                "kafka bridge state change"
-            ),
-        }
+        self.status.set(&self.name, &self.target, state, error);
     }
 
     fn health(&self) -> Health {
-        let status = self.status.lock();
-        match status.state {
-            State::Ready => Health::Ready,
-            State::Closed => Health::Closed,
-            State::Connecting | State::Degraded => Health::Degraded(
-                status
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| "connecting".into()),
-            ),
-        }
+        self.status.health()
     }
 
     pub(crate) fn connect_error(&self, reason: impl Into<String>) -> BackendError {
@@ -347,7 +306,7 @@ impl ClientContext for ProducerCtx {
         // "All brokers down" follows the cause (refused login, TLS failure, connection refused)
         // that health should keep showing.
         let consequence = error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown)
-            && self.shared.status.lock().last_error.is_some();
+            && self.shared.status.last_error().is_some();
         let text = (!consequence).then(|| format!("{error}: {reason}"));
         self.shared.set_state(State::Degraded, text);
     }
@@ -534,10 +493,7 @@ impl KafkaBridge {
             target: config.bootstrap_servers.clone(),
             config: config.clone(),
             stats: KafkaStats::default(),
-            status: Mutex::new(Status {
-                state: State::Connecting,
-                last_error: None,
-            }),
+            status: LinkStatus::new("kafka"),
             closed: watch::channel(false).0,
             runtime: runtime.clone(),
             producer_fatal: AtomicBool::new(false),

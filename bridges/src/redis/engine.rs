@@ -57,7 +57,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Pen
         };
         shared.connection.send_replace(None);
         failures += 1;
-        shared.set_state(State::Backoff, Some(error));
+        shared.set_state(State::Degraded, Some(error));
         let delay = backoff_delay(shared.retry(), failures);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}

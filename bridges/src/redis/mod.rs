@@ -37,6 +37,8 @@ mod consume;
 mod engine;
 pub mod mapping;
 
+use crate::status::LinkStatus;
+pub(crate) use crate::status::State;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -55,20 +57,6 @@ use crate::BridgeError;
 
 /// How long `declare`, `depth` and settlements wait for the shared connection.
 const CONNECTION_WAIT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum State {
-    Connecting,
-    Ready,
-    Backoff,
-    Closed,
-}
-
-#[derive(Debug)]
-struct Status {
-    state: State,
-    last_error: Option<String>,
-}
 
 /// Counters, for logs and tests.
 #[derive(Debug, Default)]
@@ -126,7 +114,7 @@ pub(crate) struct Shared {
     pub(crate) client: redis::Client,
     pub(crate) config: RedisBackend,
     pub(crate) stats: RedisStats,
-    status: Mutex<Status>,
+    status: LinkStatus,
     /// The engine's connection while `Ready`.
     pub(crate) connection: watch::Sender<Option<MultiplexedConnection>>,
     pub(crate) closed: watch::Sender<bool>,
@@ -143,40 +131,11 @@ impl Shared {
     }
 
     pub(crate) fn set_state(&self, state: State, error: Option<String>) {
-        let mut status = self.status.lock();
-        if let Some(err) = error {
-            status.last_error = Some(err);
-        }
-        let from = status.state;
-        if from == State::Closed || from == state {
-            return;
-        }
-        status.state = state;
-        match state {
-            State::Backoff => tracing::warn!(
-                backend = %self.name, target = %self.target, from = ?from, to = ?state,
-                error = status.last_error.as_deref().unwrap_or(""),
-                "redis bridge state change"
-            ),
-            _ => tracing::info!(
-                backend = %self.name, target = %self.target, from = ?from, to = ?state,
-                "redis bridge state change"
-            ),
-        }
+        self.status.set(&self.name, &self.target, state, error);
     }
 
     fn health(&self) -> Health {
-        let status = self.status.lock();
-        match status.state {
-            State::Ready => Health::Ready,
-            State::Closed => Health::Closed,
-            State::Connecting | State::Backoff => Health::Degraded(
-                status
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| "connecting".into()),
-            ),
-        }
+        self.status.health()
     }
 
     /// The shared connection, waiting up to `wait` for the engine to (re)connect.
@@ -198,7 +157,7 @@ impl Shared {
                 _ = conn.changed() => {}
                 _ = closed.changed() => {}
                 _ = tokio::time::sleep_until(deadline) => {
-                    let reason = self.status.lock().last_error.clone();
+                    let reason = self.status.last_error();
                     return Err(self.connect_error(reason.unwrap_or_else(|| "not connected".into())));
                 }
             }
@@ -315,10 +274,7 @@ impl RedisBridge {
             client,
             config: config.clone(),
             stats: RedisStats::default(),
-            status: Mutex::new(Status {
-                state: State::Connecting,
-                last_error: None,
-            }),
+            status: LinkStatus::new("redis"),
             connection: watch::channel(None).0,
             closed: watch::channel(false).0,
             runtime: runtime.clone(),
