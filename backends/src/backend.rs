@@ -82,7 +82,7 @@ pub trait Backend: Send + Sync {
     /// Hands `message` to the target's `destination`. The backend holds `guard` until the
     /// target durably accepted the message, and calls `guard.failed(..)` before dropping it if
     /// it could not deliver it within its retry budget. Never blocks.
-    fn publish(&self, destination: &str, message: Arc<Message>, guard: Guard);
+    fn publish(&self, destination: &str, message: Message, guard: Guard);
 
     /// Subscribes to `source` with at most `prefetch` unsettled messages outstanding.
     async fn subscribe(

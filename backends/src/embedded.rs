@@ -34,7 +34,7 @@ impl Backend for EmbeddedBackend {
         &self.name
     }
 
-    fn publish(&self, destination: &str, message: Arc<Message>, guard: Guard) {
+    fn publish(&self, destination: &str, message: Message, guard: Guard) {
         let exchange = match self.vhost.exchange(destination) {
             Ok(ex) => ex,
             Err(e) => {
@@ -285,13 +285,13 @@ mod tests {
     use crate::engine::QueueOptions;
     use bytes::Bytes;
 
-    fn msg(body: &'static [u8]) -> Arc<Message> {
-        Arc::new(Message::new(
+    fn msg(body: &'static [u8]) -> Message {
+        Message::new(
             "".into(),
             "q".into(),
             Default::default(),
             Bytes::from_static(body),
-        ))
+        )
     }
 
     #[tokio::test]

@@ -146,13 +146,13 @@ async fn next(sub: &mut Box<dyn Subscription>) -> Incoming {
         .expect("subscription ended")
 }
 
-fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Arc<Message> {
-    Arc::new(Message::new(
+fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Message {
+    Message::new(
         "warren-in".into(),
         routing_key.into(),
         properties,
         body.into(),
-    ))
+    )
 }
 
 fn every_header() -> FieldTable {

@@ -85,13 +85,13 @@ async fn start(name: &str, max_in_flight: usize) -> Arc<Amqp10Bridge> {
     bridge
 }
 
-fn message(properties: BasicProperties, body: impl Into<Bytes>) -> Arc<Message> {
-    Arc::new(Message::new(
+fn message(properties: BasicProperties, body: impl Into<Bytes>) -> Message {
+    Message::new(
         "warren-in".into(),
         "orders.eu".into(),
         properties,
         body.into(),
-    ))
+    )
 }
 
 async fn next(sub: &mut Box<dyn Subscription>) -> Incoming {

@@ -113,13 +113,8 @@ fn create_topic(topic: &str, partitions: u32) {
     );
 }
 
-fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Arc<Message> {
-    Arc::new(Message::new(
-        "demo".into(),
-        routing_key.into(),
-        properties,
-        body.into(),
-    ))
+fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Message {
+    Message::new("demo".into(), routing_key.into(), properties, body.into())
 }
 
 fn full_properties() -> BasicProperties {

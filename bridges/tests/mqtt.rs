@@ -171,13 +171,8 @@ async fn raw_client(
 
 use support::{repo_root, Outcomes};
 
-fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Arc<Message> {
-    Arc::new(Message::new(
-        "demo".into(),
-        routing_key.into(),
-        properties,
-        body.into(),
-    ))
+fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Message {
+    Message::new("demo".into(), routing_key.into(), properties, body.into())
 }
 
 async fn next(sub: &mut Box<dyn Subscription>) -> Incoming {

@@ -175,13 +175,13 @@ async fn wait_health(bridge: &RabbitmqBridge, want: Health, within: Duration) {
     }
 }
 
-fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Arc<Message> {
-    Arc::new(Message::new(
+fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Message {
+    Message::new(
         "warren-in".into(),
         routing_key.into(),
         properties,
         body.into(),
-    ))
+    )
 }
 
 fn full_properties() -> BasicProperties {

@@ -87,13 +87,8 @@ fn config() -> RedisBackend {
 
 use support::{repo_root, Outcomes};
 
-fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Arc<Message> {
-    Arc::new(Message::new(
-        "demo".into(),
-        routing_key.into(),
-        properties,
-        body.into(),
-    ))
+fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Message {
+    Message::new("demo".into(), routing_key.into(), properties, body.into())
 }
 
 fn full_properties() -> BasicProperties {

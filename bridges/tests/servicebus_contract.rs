@@ -879,13 +879,8 @@ fn retry(max_attempts: u32, initial_backoff_ms: u64, max_backoff_ms: u64) -> Ret
     }
 }
 
-fn message(properties: BasicProperties, body: impl Into<Bytes>) -> Arc<Message> {
-    Arc::new(Message::new(
-        "warren-in".into(),
-        "k".into(),
-        properties,
-        body.into(),
-    ))
+fn message(properties: BasicProperties, body: impl Into<Bytes>) -> Message {
+    Message::new("warren-in".into(), "k".into(), properties, body.into())
 }
 
 async fn next(sub: &mut Box<dyn Subscription>) -> Incoming {

@@ -191,13 +191,8 @@ async fn drain(c: &Client, url: &str) -> Vec<aws_sdk_sqs::types::Message> {
     all
 }
 
-fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Arc<Message> {
-    Arc::new(Message::new(
-        "demo".into(),
-        routing_key.into(),
-        properties,
-        body.into(),
-    ))
+fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Message {
+    Message::new("demo".into(), routing_key.into(), properties, body.into())
 }
 
 fn full_properties() -> BasicProperties {

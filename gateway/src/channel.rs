@@ -832,7 +832,7 @@ impl Channel {
                 .unwrap_or_else(warren_backends::backend::no_wait);
             route
                 .backend
-                .publish(&route.destination, Arc::new(message.clone()), hold);
+                .publish(&route.destination, message.clone(), hold);
             routed_to_backend = true;
             if route.mode == RouteMode::Forward {
                 return Ok(());

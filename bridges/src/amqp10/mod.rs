@@ -172,7 +172,7 @@ impl Backend for Amqp10Bridge {
         &self.name
     }
 
-    fn publish(&self, destination: &str, message: Arc<Message>, guard: Guard) {
+    fn publish(&self, destination: &str, message: Message, guard: Guard) {
         let id = self.message_id(&message);
         let mut amqp = mapping::to_amqp10(&message, &id);
         if let Some(header) = &self.session_id_header {

@@ -85,7 +85,7 @@ pub struct KafkaStats {
 /// delivery opaque.
 pub(crate) struct Pending {
     topic: String,
-    message: Arc<Message>,
+    message: Message,
     record: mapping::Record,
     attempts: u32,
     guard: Option<Guard>,
@@ -523,7 +523,7 @@ impl Backend for KafkaBridge {
         &self.shared.name
     }
 
-    fn publish(&self, destination: &str, message: Arc<Message>, guard: Guard) {
+    fn publish(&self, destination: &str, message: Message, guard: Guard) {
         self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
         let pending = Box::new(Pending {
             topic: destination.to_string(),

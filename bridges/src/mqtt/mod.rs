@@ -407,7 +407,7 @@ impl Backend for MqttBridge {
         &self.shared.name
     }
 
-    fn publish(&self, destination: &str, message: Arc<Message>, guard: Guard) {
+    fn publish(&self, destination: &str, message: Message, guard: Guard) {
         self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
         let (payload, props) = match self.shared.protocol {
             Protocol::V5 => (message.body_bytes(), mapping::to_mqtt(&message)),

@@ -435,7 +435,7 @@ impl Backend for RabbitmqBridge {
 
     /// Publishes to the upstream exchange `destination` with the message's own routing key.
     /// Never blocks; see the module documentation for what happens to `guard`.
-    fn publish(&self, destination: &str, message: Arc<Message>, guard: Guard) {
+    fn publish(&self, destination: &str, message: Message, guard: Guard) {
         let shared = &self.shared;
         shared.stats.published.fetch_add(1, Ordering::Relaxed);
         if shared.is_closed() {

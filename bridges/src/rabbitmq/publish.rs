@@ -29,7 +29,7 @@ pub(crate) struct Pending {
     /// Publish order: resends after a failure go out oldest first.
     pub(crate) seq: u64,
     pub(crate) exchange: ShortString,
-    pub(crate) message: Arc<Message>,
+    pub(crate) message: Message,
     /// Mapped once (message-id included), the same for every attempt. Boxed: it is most of
     /// the entry's size, and entries sit in the queue by the thousand.
     pub(crate) properties: Box<BasicProperties>,
@@ -43,7 +43,7 @@ pub(crate) struct Pending {
 impl Pending {
     pub(crate) fn new(
         exchange: ShortString,
-        message: Arc<Message>,
+        message: Message,
         properties: BasicProperties,
         guard: Guard,
     ) -> Pending {
@@ -210,12 +210,12 @@ mod tests {
     }
 
     fn pending(body: &'static [u8], guard: &Arc<Probe>) -> Pending {
-        let message = Arc::new(Message::new(
+        let message = Message::new(
             "".into(),
             "k".into(),
             Default::default(),
             Bytes::from_static(body),
-        ));
+        );
         Pending::new("ex".into(), message, Default::default(), guard.clone())
     }
 

@@ -299,7 +299,7 @@ impl Backend for RedisBridge {
         &self.shared.name
     }
 
-    fn publish(&self, destination: &str, message: Arc<Message>, guard: Guard) {
+    fn publish(&self, destination: &str, message: Message, guard: Guard) {
         self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
         let pending = Pending {
             stream: destination.to_string(),

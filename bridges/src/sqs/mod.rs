@@ -389,7 +389,7 @@ impl Backend for SqsBridge {
         &self.shared.name
     }
 
-    fn publish(&self, destination: &str, message: Arc<Message>, guard: Guard) {
+    fn publish(&self, destination: &str, message: Message, guard: Guard) {
         self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
         let pending = match engine::prepare(&self.shared, destination, &message, guard) {
             Ok(p) => p,
