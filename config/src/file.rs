@@ -140,6 +140,16 @@ pub struct Amqp10Backend {
     /// with the `com.microsoft:session-filter`, or `*` for the next available session.
     #[serde(default)]
     pub receive_session: Option<String>,
+    /// With `receive_session: "*"`: how long the current session may go without a message (and
+    /// with nothing unsettled) before the receiver lets it go and asks for the next available
+    /// one. Default: 5000 (see [`DEFAULT_SESSION_IDLE_TIMEOUT_MS`]).
+    #[serde(default)]
+    pub session_idle_timeout_ms: Option<u64>,
+    /// How long the peer may stay silent before the connection is declared dead, in
+    /// milliseconds; the Open frame asks the peer for traffic (heartbeats) at half of it, as the
+    /// AMQP 1.0 spec (2.4.5) recommends. 0: no idle timeout. Default: 60000, as Azure's clients.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
     #[serde(default)]
     pub retry: RetryConfig,
 }
@@ -148,12 +158,35 @@ fn default_token_lifetime() -> u64 {
     3600
 }
 
+/// The connection idle timeout of an amqp10 backend: Azure's Service Bus and Event Hubs
+/// clients default to 60 s (`ConnectionIdleTimeout`), which Service Bus is known to accept.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+
+/// The session idle timeout of an amqp10 backend with `receive_session: "*"`. Microsoft's
+/// session processors wait their operation timeout (60 s) by default; a bridge draining many
+/// sessions would sit a minute on each finished one, so it waits 5 s: long enough to ride out
+/// a producer's pause inside a session, short enough to move on promptly.
+pub const DEFAULT_SESSION_IDLE_TIMEOUT_MS: u64 = 5_000;
+
+fn default_idle_timeout_ms() -> u64 {
+    DEFAULT_IDLE_TIMEOUT_MS
+}
+
 impl Amqp10Backend {
     pub fn effective_target(&self) -> Amqp10Target {
         self.target.unwrap_or(if self.connection_string.is_some() {
             Amqp10Target::Servicebus
         } else {
             Amqp10Target::Generic
+        })
+    }
+
+    /// The session idle timeout in effect: only with `receive_session: "*"` (a named session
+    /// is kept for good).
+    pub fn effective_session_idle_timeout_ms(&self) -> Option<u64> {
+        (self.receive_session.as_deref() == Some("*")).then(|| {
+            self.session_idle_timeout_ms
+                .unwrap_or(DEFAULT_SESSION_IDLE_TIMEOUT_MS)
         })
     }
 

@@ -669,8 +669,44 @@ fn check_amqp10(b: &crate::file::Amqp10Backend) -> Result<(), (Vec<&'static str>
             "must be a session id or `*`".into(),
         ));
     }
+    match b.session_idle_timeout_ms {
+        Some(0) => {
+            return Err((
+                vec!["session_idle_timeout_ms"],
+                "must be at least 1 (milliseconds without a message before moving to the next \
+                 session)"
+                    .into(),
+            ))
+        }
+        Some(_) if b.receive_session.as_deref() != Some("*") => {
+            return Err((
+                vec!["session_idle_timeout_ms"],
+                "only applies with `receive_session: \"*\"` (the next available session); a \
+                 named session is kept for good"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
+    if b.idle_timeout_ms != 0
+        && !(MIN_IDLE_TIMEOUT_MS..=u64::from(u32::MAX)).contains(&b.idle_timeout_ms)
+    {
+        return Err((
+            vec!["idle_timeout_ms"],
+            format!(
+                "{} is out of range: 0 (no idle timeout) or {MIN_IDLE_TIMEOUT_MS} to {} \
+                 milliseconds (the peer is asked for traffic at half of it)",
+                b.idle_timeout_ms,
+                u32::MAX
+            ),
+        ));
+    }
     Ok(())
 }
+
+/// The shortest connection idle timeout accepted: below a second, a peer's heartbeats every
+/// half of it would be mostly noise, and a scheduling hiccup could drop a healthy connection.
+const MIN_IDLE_TIMEOUT_MS: u64 = 1_000;
 
 /// A rabbitmq backend's own checks: `(path below the backend, message)`.
 fn check_rabbitmq(b: &RabbitmqBackend) -> Result<(), (Vec<&'static str>, String)> {
@@ -1975,6 +2011,8 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
                 client_key_file: None,
                 session_id_header: None,
                 receive_session: None,
+                session_idle_timeout_ms: None,
+                idle_timeout_ms: 60_000,
                 retry: RetryConfig::default(),
             })
         );
@@ -2064,5 +2102,89 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
         assert!(error(lifetime, &[]).contains("backends.b.token_lifetime_secs"));
         let tls = "backends:\n  b: {type: amqp10, url: \"amqps://h\", ca_file: ca.pem, client_cert_file: c.pem, client_key_file: k.pem, session_id_header: x-session-id, receive_session: \"*\"}\n";
         parse_env(tls, &[]).unwrap();
+    }
+
+    #[test]
+    fn amqp10_idle_timeouts() {
+        use crate::file::Amqp10Backend;
+        let backend = |keys: &str| -> Amqp10Backend {
+            let text = format!("backends:\n  b: {{type: amqp10, url: \"amqp://h\"{keys}}}\n");
+            match parse_env(&text, &[]).unwrap().backends.remove("b") {
+                Some(BackendConfig::Amqp10(b)) => b,
+                other => panic!("{other:?}"),
+            }
+        };
+        let defaults = backend("");
+        assert_eq!(defaults.idle_timeout_ms, 60_000);
+        assert_eq!(defaults.effective_session_idle_timeout_ms(), None);
+        assert_eq!(backend(", idle_timeout_ms: 0").idle_timeout_ms, 0);
+        assert_eq!(backend(", idle_timeout_ms: 1000").idle_timeout_ms, 1000);
+        let any = backend(", receive_session: \"*\"");
+        assert_eq!(any.effective_session_idle_timeout_ms(), Some(5_000));
+        let any = backend(", receive_session: \"*\", session_idle_timeout_ms: 250");
+        assert_eq!(any.effective_session_idle_timeout_ms(), Some(250));
+        assert_eq!(
+            backend(", receive_session: abc").effective_session_idle_timeout_ms(),
+            None
+        );
+
+        let cases: &[(&str, &str)] = &[
+            (
+                ", idle_timeout_ms: 999",
+                "backends.b.idle_timeout_ms: 999 is out of range: 0 (no idle \
+                 timeout) or 1000 to 4294967295 milliseconds (the peer is asked for traffic at \
+                 half of it)",
+            ),
+            (
+                ", idle_timeout_ms: 4294967296",
+                "backends.b.idle_timeout_ms: 4294967296 is out of range",
+            ),
+            (
+                ", idle_timeout_ms: -1",
+                "backends.b.idle_timeout_ms: invalid type: integer `-1`, expected u64",
+            ),
+            (
+                ", idle_timeout_ms: 1s",
+                "invalid type: string \"1s\", expected u64",
+            ),
+            (
+                ", receive_session: \"*\", session_idle_timeout_ms: 0",
+                "backends.b.session_idle_timeout_ms: must be at least 1",
+            ),
+            (
+                ", receive_session: abc, session_idle_timeout_ms: 100",
+                "backends.b.session_idle_timeout_ms: only applies with \
+                 `receive_session: \"*\"`",
+            ),
+            (
+                ", session_idle_timeout_ms: 100",
+                "backends.b.session_idle_timeout_ms: only applies with `receive_session: \"*\"`",
+            ),
+            (
+                ", idle_timeout: 1000",
+                "unknown field `idle_timeout`, expected one of",
+            ),
+            (
+                ", idle_timeout_secs: 60",
+                "unknown field `idle_timeout_secs`",
+            ),
+            (
+                ", session_idle_timeout: 5",
+                "unknown field `session_idle_timeout`",
+            ),
+        ];
+        for (keys, expected) in cases {
+            let text = format!("backends:\n  b: {{type: amqp10, url: \"amqp://h\"{keys}}}\n");
+            let e = error(&text, &[]);
+            assert!(e.contains(expected), "{keys}: {e}");
+        }
+        let e = error(
+            "backends:\n  b: {type: amqp10, url: \"amqp://h\", idle_timeout: 1000}\n",
+            &[],
+        );
+        assert!(
+            e.contains("`idle_timeout_ms`") && e.contains("`session_idle_timeout_ms`"),
+            "the unknown-key error lists the real keys: {e}"
+        );
     }
 }
