@@ -47,6 +47,8 @@ fn config(max_in_flight: usize) -> Amqp10Backend {
         client_key_file: None,
         session_id_header: None,
         receive_session: None,
+        session_idle_timeout_ms: None,
+        idle_timeout_ms: 60_000,
         retry: RetryConfig {
             max_attempts: 5,
             initial_backoff_ms: 50,

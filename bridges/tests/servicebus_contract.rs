@@ -819,6 +819,8 @@ impl Fake {
             client_key_file: None,
             session_id_header: None,
             receive_session: None,
+            session_idle_timeout_ms: None,
+            idle_timeout_ms: 60_000,
             retry: retry(3, 20, 100),
         }
     }
@@ -1668,6 +1670,8 @@ async fn amqps_with_a_ca_file_and_sasl_external_with_a_client_certificate() {
         client_key_file: client.then(|| path("client.key")),
         session_id_header: None,
         receive_session: None,
+        session_idle_timeout_ms: None,
+        idle_timeout_ms: 60_000,
         retry: retry(0, 50, 200),
     };
 
