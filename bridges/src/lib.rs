@@ -22,6 +22,8 @@ use warren_config::file::BackendConfig;
 
 #[cfg(feature = "amqp10")]
 pub mod amqp10;
+#[cfg(any(feature = "redis", feature = "mqtt", feature = "sqs"))]
+mod engine;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 #[cfg(feature = "mqtt")]
@@ -30,9 +32,21 @@ pub mod mqtt;
 pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(any(
+    feature = "rabbitmq",
+    feature = "redis",
+    feature = "mqtt",
+    feature = "sqs"
+))]
+mod retry;
 #[cfg(feature = "sqs")]
 pub mod sqs;
-#[cfg(any(feature = "kafka", feature = "redis"))]
+#[cfg(any(
+    feature = "kafka",
+    feature = "rabbitmq",
+    feature = "redis",
+    feature = "sqs"
+))]
 mod status;
 #[cfg(any(feature = "mqtt", feature = "redis"))]
 mod tls;

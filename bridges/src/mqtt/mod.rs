@@ -50,13 +50,14 @@ use bytes::Bytes;
 use client::{Client, Event, EventLoop, Protocol, Received};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinHandle;
 use warren_backends::store::Guard;
 use warren_backends::{
     Backend, BackendError, Health, Incoming, Message, Settle, Settlement, Subscription,
 };
 use warren_config::file::MqttBackend;
 
+use crate::engine::EngineTask;
+use crate::retry::{backoff_delay, Owed};
 use crate::BridgeError;
 
 /// Counters, for logs and tests.
@@ -74,23 +75,12 @@ struct Pending {
     topic: String,
     payload: Bytes,
     props: mapping::Props,
-    attempts: u32,
-    guard: Option<Guard>,
+    owed: Owed,
 }
 
 impl Pending {
-    fn fail(mut self, reason: &str) {
-        if let Some(g) = self.guard.take() {
-            g.failed(reason);
-        }
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        if let Some(g) = self.guard.take() {
-            g.failed("mqtt bridge dropped the message");
-        }
+    fn fail(self, reason: &str) {
+        self.owed.fail(reason);
     }
 }
 
@@ -127,8 +117,7 @@ impl Shared {
 
 pub struct MqttBridge {
     shared: Arc<Shared>,
-    intake: mpsc::UnboundedSender<Cmd>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    event_loop: EngineTask<Cmd>,
 }
 
 impl MqttBridge {
@@ -176,13 +165,8 @@ impl MqttBridge {
             client,
             protocol,
         });
-        let (tx, rx) = mpsc::unbounded_channel();
-        let task = runtime.spawn(run(shared.clone(), eventloop, rx));
-        Ok(Arc::new(MqttBridge {
-            shared,
-            intake: tx,
-            task: Mutex::new(Some(task)),
-        }))
+        let event_loop = EngineTask::spawn(&runtime, |rx| run(shared.clone(), eventloop, rx));
+        Ok(Arc::new(MqttBridge { shared, event_loop }))
     }
 
     pub fn stats(&self) -> &MqttStats {
@@ -233,11 +217,11 @@ impl Loop {
                 }
             }
             Event::PubAck { pkid, failure } => {
-                if let Some(mut p) = self.inflight.remove(&pkid) {
+                if let Some(p) = self.inflight.remove(&pkid) {
                     match failure {
                         None => {
                             self.shared.stats.confirmed.fetch_add(1, Ordering::Relaxed);
-                            p.guard.take();
+                            p.owed.confirmed();
                         }
                         Some(reason) => {
                             self.shared.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -288,15 +272,11 @@ impl Loop {
 
     /// A connection failure: every unacknowledged publish spends an attempt.
     fn failed(&mut self, reason: &str) {
-        let max = self.shared.config.retry.max_attempts;
         let shared = self.shared.clone();
-        let spend = |p: &mut Pending| {
-            p.attempts += 1;
-            max != 0 && p.attempts >= max
-        };
+        let spend = |p: &mut Pending| p.owed.spend_attempt(&shared.config.retry);
         let fail = |p: Pending| {
             shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-            let attempts = p.attempts;
+            let attempts = p.owed.attempts;
             p.fail(&format!(
                 "mqtt bridge '{}': not acknowledged after {attempts} attempts: {reason}",
                 shared.name
@@ -431,12 +411,9 @@ impl Backend for MqttBridge {
             ),
             payload,
             props,
-            attempts: 0,
-            guard: Some(guard),
+            owed: Owed::new(guard),
         };
-        if let Err(mpsc::error::SendError(Cmd::Publish(p))) =
-            self.intake.send(Cmd::Publish(pending))
-        {
+        if let Err(Cmd::Publish(p)) = self.event_loop.send(Cmd::Publish(pending)) {
             p.fail(&format!("mqtt bridge '{}' is closed", self.shared.name));
         }
     }
@@ -447,7 +424,7 @@ impl Backend for MqttBridge {
         prefetch: u16,
     ) -> Result<Box<dyn Subscription>, BackendError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.intake
+        self.event_loop
             .send(Cmd::Subscribe {
                 source: source.to_string(),
                 tx,
@@ -481,10 +458,7 @@ impl Backend for MqttBridge {
 
     async fn close(&self) {
         self.shared.closed.send_replace(true);
-        let task = self.task.lock().take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
+        self.event_loop.join().await;
         *self.shared.health.lock() = Health::Closed;
     }
 }
@@ -587,20 +561,4 @@ impl Drop for MqttSettle {
 /// Resolves once the bridge is closed.
 async fn until_closed(closed: &mut watch::Receiver<bool>) {
     let _ = closed.wait_for(|c| *c).await;
-}
-
-/// Exponential backoff with jitter, as the other bridges do it.
-fn backoff_delay(retry: &warren_config::file::RetryConfig, failures: u32) -> Duration {
-    let initial = retry.initial_backoff_ms.max(1);
-    let max = retry.max_backoff_ms.max(initial);
-    let ceiling = initial
-        .saturating_mul(1u64 << failures.saturating_sub(1).min(40))
-        .min(max);
-    let floor = (ceiling / 2).max(initial).min(ceiling);
-    let ms = if floor == ceiling {
-        ceiling
-    } else {
-        rand::Rng::gen_range(&mut rand::thread_rng(), floor..=ceiling)
-    };
-    Duration::from_millis(ms)
 }

@@ -8,7 +8,7 @@
 //!                 ▲   │ failed (every held message: one attempt)       │ connection or
 //!                 │   ▼                                                │ channel failure
 //!            ┌────────────┐ ◀──────────────────────────────────────────┘ (unconfirmed
-//!            │  Backoff   │   sleeps initial..max backoff, with jitter    messages: one
+//!            │  Degraded  │   sleeps initial..max backoff, with jitter    messages: one
 //!            └────────────┘                                               attempt each)
 //! ```
 //!
@@ -82,17 +82,16 @@ struct Held {
 impl Held {
     /// Counts a failed attempt; gives up (`guard.failed`) when the budget is spent.
     fn charge(shared: &Shared, mut p: Pending, reason: &str) -> Option<Pending> {
-        p.attempts += 1;
-        let max = shared.retry.max_attempts;
-        if max != 0 && p.attempts >= max {
+        if p.owed.spend_attempt(&shared.retry) {
+            let attempts = p.owed.attempts;
             shared.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
-                backend = %shared.name, exchange = %p.exchange, attempts = p.attempts, reason,
+                backend = %shared.name, exchange = %p.exchange, attempts, reason,
                 "giving up on a message"
             );
             let why = format!(
-                "{}: gave up after {} attempts: {reason}",
-                shared.name, p.attempts
+                "{}: gave up after {attempts} attempts: {reason}",
+                shared.name
             );
             p.fail(&why);
             None
@@ -104,7 +103,7 @@ impl Held {
     /// Charges `p` and, if it has attempts left, schedules its resend after a backoff.
     fn retry_later(&mut self, shared: &Shared, p: Pending, reason: &str) {
         if let Some(p) = Held::charge(shared, p, reason) {
-            let due = Instant::now() + shared.backoff(p.attempts);
+            let due = Instant::now() + shared.backoff(p.owed.attempts);
             self.delayed.insert((due, p.seq), p);
         }
     }
@@ -207,7 +206,7 @@ pub(super) async fn run(shared: Arc<Shared>, mut intake: Intake) {
         };
         failures = failures.saturating_add(1);
         let delay = shared.backoff(failures);
-        shared.set_state(State::Backoff, Some(error));
+        shared.set_state(State::Degraded, Some(error));
         tracing::info!(
             backend = %shared.name, delay_ms = delay.as_millis() as u64, failures,
             held = held.len(), "reconnecting after a backoff"
@@ -385,7 +384,7 @@ fn on_confirm(
         }
         Ok(Confirmation::Nack(_)) => {
             tracing::warn!(
-                backend = %shared.name, exchange = %p.exchange, attempts = p.attempts + 1,
+                backend = %shared.name, exchange = %p.exchange, attempts = p.owed.attempts + 1,
                 "RabbitMQ nacked a message; resending it after a backoff"
             );
             held.retry_later(shared, p, "nacked by RabbitMQ");
@@ -449,7 +448,7 @@ async fn send_batch(
         .partition(|p| !missing.contains(&p.exchange));
     for p in refused {
         let reason = format!("exchange '{}' does not exist upstream", p.exchange);
-        tracing::warn!(backend = %shared.name, attempts = p.attempts + 1, "{reason}");
+        tracing::warn!(backend = %shared.name, attempts = p.owed.attempts + 1, "{reason}");
         held.retry_later(shared, p, &reason);
     }
     if to_send.is_empty() {

@@ -13,8 +13,8 @@
 //!
 //! - One **engine task** per bridge (`engine.rs`) owns the lapin `Connection` and a
 //!   confirm-mode channel, and runs the connection state machine
-//!   `Connecting → Ready → Backoff → Connecting` (exponential backoff with jitter between
-//!   `retry.initial_backoff_ms` and `retry.max_backoff_ms`). Every state change is logged.
+//!   `Connecting → Ready → Degraded → Connecting` (`Degraded` backs off, exponential with
+//!   jitter between `retry.initial_backoff_ms` and `retry.max_backoff_ms`). Every state change is logged.
 //! - [`Backend::publish`] never blocks: it maps the properties and hands the message to the
 //!   engine through a bounded queue of `max_in_flight` entries (`publish.rs`). When that queue
 //!   is full the message goes to an overflow `VecDeque` behind a mutex instead (it is the
@@ -73,29 +73,15 @@ use warren_backends::store::Guard;
 use warren_backends::{Backend, BackendError, Health, Message, Subscription};
 use warren_config::file::{RabbitmqBackend, RetryConfig};
 
+use crate::retry::backoff_delay;
+use crate::status::LinkStatus;
+pub(crate) use crate::status::State;
 use crate::BridgeError;
 use mapping::MessageIds;
 use publish::{Pending, PublishQueue};
 
 /// How long `declare`, `depth` and `subscribe` wait for the engine to be connected.
 const CONNECTION_WAIT: Duration = Duration::from_secs(10);
-
-/// The connection state machine's states, as `health()` and the logs show them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum State {
-    Connecting,
-    Ready,
-    Backoff,
-    Closed,
-}
-
-#[derive(Debug)]
-struct Status {
-    state: State,
-    last_error: Option<String>,
-    /// RabbitMQ blocked the connection (a resource alarm): publishes stall until unblocked.
-    blocked: Option<String>,
-}
 
 /// Counters, for logs and tests.
 #[derive(Debug, Default)]
@@ -126,7 +112,7 @@ pub(crate) struct Shared {
     pub(crate) max_in_flight: usize,
     pub(crate) ids: MessageIds,
     pub(crate) stats: BridgeStats,
-    status: Mutex<Status>,
+    status: LinkStatus,
     /// The engine's connection while it is `Ready`, `None` otherwise.
     pub(crate) connection: watch::Sender<Option<Arc<Connection>>>,
     /// Set once by `close()`.
@@ -141,63 +127,20 @@ impl Shared {
 
     /// Moves the state machine, logging the change.
     pub(crate) fn set_state(&self, state: State, error: Option<String>) {
-        let mut status = self.status.lock();
-        let from = status.state;
-        if let Some(err) = error {
-            status.last_error = Some(err);
-        }
-        if from == State::Closed {
-            return;
-        }
-        status.state = state;
-        if state != State::Ready {
-            status.blocked = None;
-        }
-        if from != state {
-            match state {
-                State::Backoff => tracing::warn!(
-                    backend = %self.name, target = %self.target, from = ?from, to = ?state,
-                    error = status.last_error.as_deref().unwrap_or(""),
-                    "rabbitmq bridge state change"
-                ),
-                _ => tracing::info!(
-                    backend = %self.name, target = %self.target, from = ?from, to = ?state,
-                    "rabbitmq bridge state change"
-                ),
-            }
-        }
+        self.status.set(&self.name, &self.target, state, error);
     }
 
+    /// RabbitMQ blocked the connection (a resource alarm: publishes stall until unblocked), or
+    /// unblocked it.
     pub(crate) fn set_blocked(&self, reason: Option<String>) {
-        let mut status = self.status.lock();
         match &reason {
             Some(r) => {
                 tracing::warn!(backend = %self.name, reason = %r, "RabbitMQ blocked the connection")
             }
             None => tracing::info!(backend = %self.name, "RabbitMQ unblocked the connection"),
         }
-        status.blocked = reason;
-    }
-
-    pub(crate) fn last_error(&self) -> Option<String> {
-        self.status.lock().last_error.clone()
-    }
-
-    fn health(&self) -> Health {
-        let status = self.status.lock();
-        match status.state {
-            State::Ready => match &status.blocked {
-                Some(reason) => Health::Degraded(format!("blocked by RabbitMQ: {reason}")),
-                None => Health::Ready,
-            },
-            State::Closed => Health::Closed,
-            State::Connecting | State::Backoff => Health::Degraded(
-                status
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| "connecting".to_string()),
-            ),
-        }
+        self.status
+            .set_blocked(reason.map(|r| format!("blocked by RabbitMQ: {r}")));
     }
 
     /// The delay before retry number `failures` (1-based).
@@ -222,10 +165,11 @@ impl Shared {
             if let Some(c) = current {
                 return Ok(c);
             }
-            let state = self.status.lock().state;
-            if state == State::Backoff || tokio::time::Instant::now() >= deadline {
+            let backing_off = self.status.state() == State::Degraded;
+            if backing_off || tokio::time::Instant::now() >= deadline {
                 return Err(self.connect_error(
-                    self.last_error()
+                    self.status
+                        .last_error()
                         .unwrap_or_else(|| "not connected".to_string()),
                 ));
             }
@@ -258,22 +202,6 @@ impl Shared {
             destination: destination.to_string(),
         }
     }
-}
-
-/// Exponential backoff with jitter: retry `n` (1-based) waits a random time in
-/// `[max(initial, d/2), d]` where `d = min(initial * 2^(n-1), max)`.
-pub(crate) fn backoff_delay(retry: &RetryConfig, failures: u32) -> Duration {
-    let initial = retry.initial_backoff_ms.max(1);
-    let max = retry.max_backoff_ms.max(initial);
-    let exp = failures.saturating_sub(1).min(40);
-    let ceiling = initial.saturating_mul(1u64 << exp).min(max);
-    let floor = (ceiling / 2).max(initial).min(ceiling);
-    let ms = if floor == ceiling {
-        ceiling
-    } else {
-        rand::Rng::gen_range(&mut rand::thread_rng(), floor..=ceiling)
-    };
-    Duration::from_millis(ms)
 }
 
 /// A lapin error that is RabbitMQ saying "404 NOT_FOUND".
@@ -341,11 +269,7 @@ impl RabbitmqBridge {
             max_in_flight: config.max_in_flight,
             ids: MessageIds::new(),
             stats: BridgeStats::default(),
-            status: Mutex::new(Status {
-                state: State::Connecting,
-                last_error: None,
-                blocked: None,
-            }),
+            status: LinkStatus::new("rabbitmq"),
             connection: watch::Sender::new(None),
             closed: watch::Sender::new(false),
             runtime: runtime.clone(),
@@ -516,7 +440,7 @@ impl Backend for RabbitmqBridge {
     }
 
     fn health(&self) -> Health {
-        self.shared.health()
+        self.shared.status.health()
     }
 
     /// Stops accepting publishes, gives unconfirmed ones a few seconds to be confirmed, fails
@@ -541,41 +465,6 @@ impl Drop for RabbitmqBridge {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_within_bounds() {
-        let retry = RetryConfig {
-            max_attempts: 3,
-            initial_backoff_ms: 100,
-            max_backoff_ms: 1_000,
-        };
-        for _ in 0..200 {
-            assert_eq!(backoff_delay(&retry, 1), Duration::from_millis(100));
-            let d2 = backoff_delay(&retry, 2).as_millis();
-            assert!((100..=200).contains(&d2), "{d2}");
-            let d4 = backoff_delay(&retry, 4).as_millis();
-            assert!((400..=800).contains(&d4), "{d4}");
-            let d30 = backoff_delay(&retry, 30).as_millis();
-            assert!((500..=1_000).contains(&d30), "{d30}");
-            assert!(backoff_delay(&retry, u32::MAX) <= Duration::from_millis(1_000));
-        }
-    }
-
-    #[test]
-    fn odd_backoff_settings_do_not_panic() {
-        let retry = RetryConfig {
-            max_attempts: 0,
-            initial_backoff_ms: 0,
-            max_backoff_ms: 0,
-        };
-        assert_eq!(backoff_delay(&retry, 5), Duration::from_millis(1));
-        let retry = RetryConfig {
-            max_attempts: 0,
-            initial_backoff_ms: 500,
-            max_backoff_ms: 10,
-        };
-        assert_eq!(backoff_delay(&retry, 3), Duration::from_millis(500));
-    }
 
     #[test]
     fn the_url_is_shown_without_its_password() {

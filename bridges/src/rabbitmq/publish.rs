@@ -22,6 +22,8 @@ use tokio::sync::Notify;
 use warren_backends::store::Guard;
 use warren_backends::Message;
 
+use crate::retry::Owed;
+
 static SEQ: AtomicU64 = AtomicU64::new(1);
 
 /// A message the bridge owes a completion for.
@@ -33,11 +35,9 @@ pub(crate) struct Pending {
     /// Mapped once (message-id included), the same for every attempt. Boxed: it is most of
     /// the entry's size, and entries sit in the queue by the thousand.
     pub(crate) properties: Box<BasicProperties>,
-    /// Failed attempts so far.
-    pub(crate) attempts: u32,
     /// Written to a channel at least once (so a further write is a resend).
     pub(crate) sent: bool,
-    guard: Option<Guard>,
+    pub(crate) owed: Owed,
 }
 
 impl Pending {
@@ -52,32 +52,19 @@ impl Pending {
             exchange,
             message,
             properties: Box::new(properties),
-            attempts: 0,
             sent: false,
-            guard: Some(guard),
+            owed: Owed::new(guard),
         }
     }
 
     /// RabbitMQ confirmed it: releasing the guard is the success signal.
-    pub(crate) fn confirmed(mut self) {
-        self.guard.take();
+    pub(crate) fn confirmed(self) {
+        self.owed.confirmed();
     }
 
     /// Given up on: the publisher gets basic.nack.
-    pub(crate) fn fail(mut self, reason: &str) {
-        if let Some(guard) = self.guard.take() {
-            guard.failed(reason);
-        }
-    }
-}
-
-impl Drop for Pending {
-    /// A message must be confirmed or failed explicitly; one dropped any other way (a bug, a
-    /// panic in the engine) is reported failed rather than silently "confirmed".
-    fn drop(&mut self) {
-        if let Some(guard) = self.guard.take() {
-            guard.failed("the rabbitmq bridge dropped the message without a confirm");
-        }
+    pub(crate) fn fail(self, reason: &str) {
+        self.owed.fail(reason);
     }
 }
 

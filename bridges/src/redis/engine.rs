@@ -11,6 +11,7 @@ use redis::AsyncConnectionConfig;
 use tokio::sync::mpsc;
 
 use super::{backoff_delay, drain, Pending, Shared, State};
+use crate::retry::spend_attempts;
 
 /// XADDs sent in one pipeline at most.
 const BATCH: usize = 256;
@@ -51,7 +52,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Pen
             Err(e) => {
                 // Every waiting message spent one attempt on this failed connection.
                 drain(&mut rx, &mut buffer);
-                spend_attempt(&shared, &mut buffer, &e.to_string());
+                buffer = spend_attempt(&shared, buffer, &e.to_string()).into();
                 e.to_string()
             }
         };
@@ -75,25 +76,22 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Pen
     }
 }
 
-/// Counts one failed attempt for every message in `buffer`, failing those past the budget.
-fn spend_attempt(shared: &Shared, buffer: &mut VecDeque<Pending>, reason: &str) {
-    let max = shared.retry().max_attempts;
-    let mut kept = VecDeque::with_capacity(buffer.len());
-    for mut p in buffer.drain(..) {
-        p.attempts += 1;
-        if max != 0 && p.attempts >= max {
-            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(backend = %shared.name, stream = %p.stream, attempts = p.attempts, reason, "redis bridge gives up on a message");
-            let attempts = p.attempts;
-            p.fail(&format!(
-                "redis bridge '{}': not appended after {attempts} attempts: {reason}",
-                shared.name
-            ));
-        } else {
-            kept.push_back(p);
-        }
-    }
-    *buffer = kept;
+/// Counts one failed attempt for every message of `batch`, failing those past the budget;
+/// returns the others in order.
+fn spend_attempt(
+    shared: &Shared,
+    batch: impl IntoIterator<Item = Pending>,
+    reason: &str,
+) -> Vec<Pending> {
+    spend_attempts(batch, shared.retry(), |p| {
+        shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+        let attempts = p.owed.attempts;
+        tracing::warn!(backend = %shared.name, stream = %p.stream, attempts, reason, "redis bridge gives up on a message");
+        p.fail(&format!(
+            "redis bridge '{}': not appended after {attempts} attempts: {reason}",
+            shared.name
+        ));
+    })
 }
 
 /// Sends batches while connected. `Ok` when closed, `Err` with the failure otherwise (the
@@ -154,12 +152,11 @@ async fn ready(
             }
             Err(e) => {
                 let reason = e.to_string();
-                let mut batch: VecDeque<Pending> = batch.into();
+                let mut batch = batch;
                 for p in batch.iter_mut() {
                     p.sent = true;
                 }
-                spend_attempt(shared, &mut batch, &reason);
-                while let Some(p) = batch.pop_back() {
+                for p in spend_attempt(shared, batch, &reason).into_iter().rev() {
                     buffer.push_front(p);
                 }
                 return Err(reason);

@@ -11,8 +11,8 @@
 //! # Task layout
 //!
 //! - One **engine task** (`engine.rs`) owns the shared connection and runs the state machine
-//!   `Connecting → Ready → Backoff → Connecting` (exponential backoff with jitter between
-//!   `retry.initial_backoff_ms` and `retry.max_backoff_ms`), logging each change.
+//!   `Connecting → Ready → Degraded → Connecting` (`Degraded` backs off, exponential with
+//!   jitter between `retry.initial_backoff_ms` and `retry.max_backoff_ms`), logging each change.
 //! - [`Backend::publish`] never blocks: it maps the message to its fields once and hands it to
 //!   the engine over an unbounded channel (the gateway's confirm window bounds it). The engine
 //!   sends up to 256 waiting messages as one pipeline of `XADD key [MAXLEN ~ n] * field value
@@ -37,22 +37,23 @@ mod consume;
 mod engine;
 pub mod mapping;
 
-use crate::status::LinkStatus;
-pub(crate) use crate::status::State;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use warren_backends::store::Guard;
 use warren_backends::{Backend, BackendError, Health, Message, Subscription};
 use warren_config::file::{RedisBackend, RetryConfig};
 
+use crate::engine::EngineTask;
+pub(crate) use crate::retry::backoff_delay;
+use crate::retry::Owed;
+use crate::status::LinkStatus;
+pub(crate) use crate::status::State;
 use crate::BridgeError;
 
 /// How long `declare`, `depth` and settlements wait for the shared connection.
@@ -79,31 +80,25 @@ pub struct RedisStats {
 pub(crate) struct Pending {
     pub(crate) stream: String,
     pub(crate) fields: Vec<(String, Vec<u8>)>,
-    pub(crate) attempts: u32,
+    /// Sent at least once (so a further XADD is a resend).
     pub(crate) sent: bool,
-    guard: Option<Guard>,
+    pub(crate) owed: Owed,
 }
 
 impl Pending {
     /// Redis has it: releasing the guard confirms it.
-    pub(crate) fn confirmed(mut self) {
-        self.guard.take();
+    pub(crate) fn confirmed(self) {
+        self.owed.confirmed();
     }
 
-    pub(crate) fn fail(mut self, reason: &str) {
-        if let Some(g) = self.guard.take() {
-            g.failed(reason);
-        }
+    pub(crate) fn fail(self, reason: &str) {
+        self.owed.fail(reason);
     }
 }
 
-impl Drop for Pending {
-    /// A pending message is only ever dropped through `confirmed` or `fail`; anything else
-    /// (a panic) must not look like a confirm.
-    fn drop(&mut self) {
-        if let Some(g) = self.guard.take() {
-            g.failed("redis bridge dropped the message");
-        }
+impl AsMut<Owed> for Pending {
+    fn as_mut(&mut self) -> &mut Owed {
+        &mut self.owed
     }
 }
 
@@ -193,22 +188,6 @@ impl Shared {
     }
 }
 
-/// Exponential backoff with jitter: retry `n` (1-based) waits a random time in
-/// `[max(initial, d/2), d]` where `d = min(initial * 2^(n-1), max)`.
-pub(crate) fn backoff_delay(retry: &RetryConfig, failures: u32) -> Duration {
-    let initial = retry.initial_backoff_ms.max(1);
-    let max = retry.max_backoff_ms.max(initial);
-    let exp = failures.saturating_sub(1).min(40);
-    let ceiling = initial.saturating_mul(1u64 << exp).min(max);
-    let floor = (ceiling / 2).max(initial).min(ceiling);
-    let ms = if floor == ceiling {
-        ceiling
-    } else {
-        rand::Rng::gen_range(&mut rand::thread_rng(), floor..=ceiling)
-    };
-    Duration::from_millis(ms)
-}
-
 /// The URL as it may be shown: without the password.
 fn redact(url: &str) -> String {
     match url.split_once("://") {
@@ -248,8 +227,7 @@ fn client(config: &RedisBackend) -> Result<redis::Client, String> {
 /// The Redis Streams bridge. Build one with [`RedisBridge::start`] (or [`crate::build`]).
 pub struct RedisBridge {
     shared: Arc<Shared>,
-    intake: mpsc::UnboundedSender<Pending>,
-    engine: Mutex<Option<JoinHandle<()>>>,
+    engine: EngineTask<Pending>,
 }
 
 impl RedisBridge {
@@ -279,13 +257,8 @@ impl RedisBridge {
             closed: watch::channel(false).0,
             runtime: runtime.clone(),
         });
-        let (tx, rx) = mpsc::unbounded_channel();
-        let engine = runtime.spawn(engine::run(shared.clone(), rx));
-        Ok(Arc::new(RedisBridge {
-            shared,
-            intake: tx,
-            engine: Mutex::new(Some(engine)),
-        }))
+        let engine = EngineTask::spawn(&runtime, |rx| engine::run(shared.clone(), rx));
+        Ok(Arc::new(RedisBridge { shared, engine }))
     }
 
     pub fn stats(&self) -> &RedisStats {
@@ -304,15 +277,15 @@ impl Backend for RedisBridge {
         let pending = Pending {
             stream: destination.to_string(),
             fields: mapping::to_fields(&message),
-            attempts: 0,
             sent: false,
-            guard: Some(guard),
+            owed: Owed::new(guard),
         };
-        if self.shared.is_closed() {
-            pending.fail(&format!("redis bridge '{}' is closed", self.shared.name));
-            return;
-        }
-        if let Err(mpsc::error::SendError(p)) = self.intake.send(pending) {
+        let refused = if self.shared.is_closed() {
+            Some(pending)
+        } else {
+            self.engine.send(pending).err()
+        };
+        if let Some(p) = refused {
             p.fail(&format!("redis bridge '{}' is closed", self.shared.name));
         }
     }
@@ -365,10 +338,7 @@ impl Backend for RedisBridge {
 
     async fn close(&self) {
         self.shared.closed.send_replace(true);
-        let engine = self.engine.lock().take();
-        if let Some(engine) = engine {
-            let _ = engine.await;
-        }
+        self.engine.join().await;
         self.shared.set_state(State::Closed, None);
         self.shared.connection.send_replace(None);
     }
@@ -389,18 +359,5 @@ mod tests {
     fn redaction_hides_the_password() {
         assert_eq!(redact("redis://u:secret@h:6379/0"), "redis://***@h:6379/0");
         assert_eq!(redact("redis://h:6379"), "redis://h:6379");
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let retry = RetryConfig {
-            max_attempts: 1,
-            initial_backoff_ms: 100,
-            max_backoff_ms: 1000,
-        };
-        assert_eq!(backoff_delay(&retry, 1), Duration::from_millis(100));
-        let d = backoff_delay(&retry, 3);
-        assert!(d >= Duration::from_millis(200) && d <= Duration::from_millis(400));
-        assert!(backoff_delay(&retry, 30) <= Duration::from_millis(1000));
     }
 }

@@ -16,6 +16,7 @@ use warren_backends::Message;
 
 use super::mapping::{self, Outgoing};
 use super::{backoff_delay, call_error, is_fifo, CallError, Shared};
+use crate::retry::{spend_attempts, Owed};
 
 /// SQS's most entries in one SendMessageBatch.
 const BATCH_ENTRIES: usize = 10;
@@ -28,21 +29,19 @@ pub(crate) struct Pending {
     out: Outgoing,
     group_id: Option<String>,
     dedup_id: Option<String>,
-    attempts: u32,
+    /// Sent at least once (so a further send is a resend).
     sent: bool,
-    guard: Option<Guard>,
+    owed: Owed,
 }
 
 impl Pending {
     /// SQS stored it: releasing the guard confirms it.
-    fn confirmed(mut self) {
-        self.guard.take();
+    fn confirmed(self) {
+        self.owed.confirmed();
     }
 
-    pub(crate) fn fail(mut self, reason: &str) {
-        if let Some(g) = self.guard.take() {
-            g.failed(reason);
-        }
+    pub(crate) fn fail(self, reason: &str) {
+        self.owed.fail(reason);
     }
 
     fn entry(&self, id: usize) -> Option<SendMessageBatchRequestEntry> {
@@ -57,13 +56,9 @@ impl Pending {
     }
 }
 
-impl Drop for Pending {
-    /// A pending message is only ever dropped through `confirmed` or `fail`; anything else
-    /// (a panic, an aborted call at close) must not look like a confirm.
-    fn drop(&mut self) {
-        if let Some(g) = self.guard.take() {
-            g.failed("sqs bridge dropped the message");
-        }
+impl AsMut<Owed> for Pending {
+    fn as_mut(&mut self) -> &mut Owed {
+        &mut self.owed
     }
 }
 
@@ -128,9 +123,8 @@ pub(crate) fn prepare(
         out,
         group_id,
         dedup_id,
-        attempts: 0,
         sent: false,
-        guard: Some(guard),
+        owed: Owed::new(guard),
     })
 }
 
@@ -430,21 +424,13 @@ fn settle_entries(
 /// Counts one failed attempt for every message, failing those past the budget; returns the
 /// others in order.
 fn spend_attempt(shared: &Shared, batch: Vec<Pending>, reason: &str) -> Vec<Pending> {
-    let max = shared.retry().max_attempts;
-    let mut kept = Vec::with_capacity(batch.len());
-    for mut p in batch {
-        p.attempts += 1;
-        if max != 0 && p.attempts >= max {
-            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(backend = %shared.name, queue = %p.queue, attempts = p.attempts, reason, "sqs bridge gives up on a message");
-            let attempts = p.attempts;
-            p.fail(&format!(
-                "sqs bridge '{}': not stored after {attempts} attempts: {reason}",
-                shared.name
-            ));
-        } else {
-            kept.push(p);
-        }
-    }
-    kept
+    spend_attempts(batch, shared.retry(), |p| {
+        shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+        let attempts = p.owed.attempts;
+        tracing::warn!(backend = %shared.name, queue = %p.queue, attempts, reason, "sqs bridge gives up on a message");
+        p.fail(&format!(
+            "sqs bridge '{}': not stored after {attempts} attempts: {reason}",
+            shared.name
+        ));
+    })
 }

@@ -46,12 +46,14 @@ use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::QueueAttributeName;
 use aws_sdk_sqs::Client;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, watch, OnceCell};
-use tokio::task::JoinHandle;
+use tokio::sync::{watch, OnceCell};
 use warren_backends::store::Guard;
 use warren_backends::{Backend, BackendError, Health, Message, Subscription};
 use warren_config::file::{RetryConfig, SqsBackend};
 
+use crate::engine::EngineTask;
+pub(crate) use crate::retry::backoff_delay;
+use crate::status::{LinkStatus, State};
 use crate::BridgeError;
 
 pub(crate) use engine::Pending;
@@ -81,13 +83,6 @@ pub struct SqsStats {
     pub extended: AtomicU64,
     /// Rejected messages moved to the queue's redrive dead-letter queue.
     pub dead_lettered: AtomicU64,
-}
-
-#[derive(Debug)]
-struct Status {
-    closed: bool,
-    /// The last call's failure, until a call succeeds again.
-    error: Option<String>,
 }
 
 /// A failed SQS call, described.
@@ -131,7 +126,8 @@ pub(crate) struct Shared {
     pub(crate) target: String,
     pub(crate) config: SqsBackend,
     pub(crate) stats: SqsStats,
-    status: Mutex<Status>,
+    /// `Degraded` with the last call's failure until a call succeeds again.
+    status: LinkStatus,
     client: OnceCell<Client>,
     /// Queue name → URL.
     urls: Mutex<HashMap<String, String>>,
@@ -154,8 +150,7 @@ impl Shared {
 
     /// A call succeeded: healthy again.
     pub(crate) fn call_ok(&self) {
-        let mut status = self.status.lock();
-        if status.error.take().is_some() {
+        if self.status.change(State::Ready, None) == Some(State::Degraded) {
             tracing::info!(backend = %self.name, target = %self.target, "sqs bridge: calls succeed again");
         }
     }
@@ -163,23 +158,11 @@ impl Shared {
     /// A call failed as a whole (not one entry of a batch).
     pub(crate) fn call_failed(&self, what: &str, error: &CallError) {
         self.stats.call_failures.fetch_add(1, Ordering::Relaxed);
-        let mut status = self.status.lock();
-        if status.error.is_none() {
+        let failure = format!("{what}: {error}");
+        if self.status.change(State::Degraded, Some(failure)).is_some() {
             tracing::warn!(backend = %self.name, target = %self.target, call = what, error = %error, "sqs bridge: call failed; retrying with backoff");
         } else {
             tracing::debug!(backend = %self.name, call = what, error = %error, "sqs bridge: call failed");
-        }
-        status.error = Some(format!("{what}: {error}"));
-    }
-
-    fn health(&self) -> Health {
-        let status = self.status.lock();
-        if status.closed {
-            Health::Closed
-        } else if let Some(e) = &status.error {
-            Health::Degraded(e.clone())
-        } else {
-            Health::Ready
         }
     }
 
@@ -302,27 +285,10 @@ async fn build_client(config: &SqsBackend) -> Client {
     Client::from_conf(sqs)
 }
 
-/// Exponential backoff with jitter: retry `n` (1-based) waits a random time in
-/// `[max(initial, d/2), d]` where `d = min(initial * 2^(n-1), max)`.
-pub(crate) fn backoff_delay(retry: &RetryConfig, failures: u32) -> Duration {
-    let initial = retry.initial_backoff_ms.max(1);
-    let max = retry.max_backoff_ms.max(initial);
-    let exp = failures.saturating_sub(1).min(40);
-    let ceiling = initial.saturating_mul(1u64 << exp).min(max);
-    let floor = (ceiling / 2).max(initial).min(ceiling);
-    let ms = if floor == ceiling {
-        ceiling
-    } else {
-        rand::Rng::gen_range(&mut rand::thread_rng(), floor..=ceiling)
-    };
-    Duration::from_millis(ms)
-}
-
 /// The Amazon SQS bridge. Build one with [`SqsBridge::start`] (or [`crate::build`]).
 pub struct SqsBridge {
     shared: Arc<Shared>,
-    intake: mpsc::UnboundedSender<Pending>,
-    engine: Mutex<Option<JoinHandle<()>>>,
+    engine: EngineTask<Pending>,
 }
 
 impl SqsBridge {
@@ -358,10 +324,7 @@ impl SqsBridge {
                 .unwrap_or_else(|| "aws".to_string()),
             config: config.clone(),
             stats: SqsStats::default(),
-            status: Mutex::new(Status {
-                closed: false,
-                error: None,
-            }),
+            status: LinkStatus::starting_ready("sqs"),
             client: OnceCell::new(),
             urls: Mutex::new(HashMap::new()),
             closed: watch::channel(false).0,
@@ -369,13 +332,8 @@ impl SqsBridge {
             instance: format!("{:016x}", rand::random::<u64>()),
             next_id: AtomicU64::new(0),
         });
-        let (tx, rx) = mpsc::unbounded_channel();
-        let engine = runtime.spawn(engine::run(shared.clone(), rx));
-        Ok(Arc::new(SqsBridge {
-            shared,
-            intake: tx,
-            engine: Mutex::new(Some(engine)),
-        }))
+        let engine = EngineTask::spawn(&runtime, |rx| engine::run(shared.clone(), rx));
+        Ok(Arc::new(SqsBridge { shared, engine }))
     }
 
     pub fn stats(&self) -> &SqsStats {
@@ -400,11 +358,12 @@ impl Backend for SqsBridge {
                 return;
             }
         };
-        if self.shared.is_closed() {
-            pending.fail(&format!("sqs bridge '{}' is closed", self.shared.name));
-            return;
-        }
-        if let Err(mpsc::error::SendError(p)) = self.intake.send(pending) {
+        let refused = if self.shared.is_closed() {
+            Some(pending)
+        } else {
+            self.engine.send(pending).err()
+        };
+        if let Some(p) = refused {
             p.fail(&format!("sqs bridge '{}' is closed", self.shared.name));
         }
     }
@@ -473,18 +432,13 @@ impl Backend for SqsBridge {
     }
 
     fn health(&self) -> Health {
-        self.shared.health()
+        self.shared.status.health()
     }
 
     async fn close(&self) {
         self.shared.closed.send_replace(true);
-        let engine = self.engine.lock().take();
-        if let Some(engine) = engine {
-            let _ = engine.await;
-        }
-        let mut status = self.shared.status.lock();
-        if !status.closed {
-            status.closed = true;
+        self.engine.join().await;
+        if self.shared.status.change(State::Closed, None).is_some() {
             tracing::info!(backend = %self.shared.name, "sqs bridge closed");
         }
     }
@@ -501,18 +455,5 @@ mod tests {
         assert!(!is_fifo("orders"));
         assert_eq!(queue_name("http://h:4566/000000000000/orders"), "orders");
         assert_eq!(queue_name("orders"), "orders");
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let retry = RetryConfig {
-            max_attempts: 1,
-            initial_backoff_ms: 100,
-            max_backoff_ms: 1000,
-        };
-        assert_eq!(backoff_delay(&retry, 1), Duration::from_millis(100));
-        let d = backoff_delay(&retry, 3);
-        assert!(d >= Duration::from_millis(200) && d <= Duration::from_millis(400));
-        assert!(backoff_delay(&retry, 30) <= Duration::from_millis(1000));
     }
 }
