@@ -29,6 +29,105 @@ const HAS_HEADERS: u8 = 2;
 /// The `expiration` property is present but not a number; kept so `expiration_ms` can say so.
 const BAD_EXPIRATION: u8 = 4;
 
+/// What the packed header keeps from the properties.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Summary {
+    expiration: u64,
+    priority: u8,
+    flags: u8,
+}
+
+impl Summary {
+    fn new(expiration: Option<&str>, persistent: bool, priority: u8, has_headers: bool) -> Summary {
+        let (expiration, bad_expiration) = match expiration {
+            None => (NO_EXPIRATION, false),
+            Some(text) => match text.parse::<u64>() {
+                Ok(ms) if ms != NO_EXPIRATION => (ms, false),
+                _ => (NO_EXPIRATION, true),
+            },
+        };
+        let mut flags = 0;
+        if persistent {
+            flags |= PERSISTENT;
+        }
+        if has_headers {
+            flags |= HAS_HEADERS;
+        }
+        if bad_expiration {
+            flags |= BAD_EXPIRATION;
+        }
+        Summary {
+            expiration,
+            priority,
+            flags,
+        }
+    }
+
+    fn of(properties: &AMQPProperties) -> Summary {
+        Summary::new(
+            properties.expiration().as_ref().map(|t| t.as_str()),
+            properties.delivery_mode() == &Some(2),
+            properties.priority().unwrap_or(0),
+            properties.headers().is_some(),
+        )
+    }
+
+    /// Reads the summary from an encoded basic property block without decoding it: the
+    /// property flags, then the fields up to `expiration` in their fixed order (content-type,
+    /// content-encoding, headers, delivery-mode, priority, correlation-id, reply-to,
+    /// expiration). `None` when the block is not plainly well-formed up to there; the caller
+    /// then decodes it fully.
+    fn scan(raw: &[u8]) -> Option<Summary> {
+        fn short_str<'a>(p: &mut &'a [u8]) -> Option<&'a [u8]> {
+            let len = *p.first()? as usize;
+            let text = p.get(1..1 + len)?;
+            *p = &p[1 + len..];
+            Some(text)
+        }
+        fn octet(p: &mut &[u8]) -> Option<u8> {
+            let b = *p.first()?;
+            *p = &p[1..];
+            Some(b)
+        }
+        let flags = u16::from_be_bytes([*raw.first()?, *raw.get(1)?]);
+        if flags & 1 != 0 {
+            // A continuation of the flags: basic has no properties that need one.
+            return None;
+        }
+        let has = |bit: u16| flags & (1 << bit) != 0;
+        let mut p = &raw[2..];
+        if has(15) {
+            short_str(&mut p)?; // content-type
+        }
+        if has(14) {
+            short_str(&mut p)?; // content-encoding
+        }
+        if has(13) {
+            let len = u32::from_be_bytes(p.get(..4)?.try_into().ok()?) as usize;
+            p = p.get(4 + len..)?; // headers
+        }
+        let delivery_mode = if has(12) { Some(octet(&mut p)?) } else { None };
+        let priority = if has(11) { octet(&mut p)? } else { 0 };
+        if has(10) {
+            short_str(&mut p)?; // correlation-id
+        }
+        if has(9) {
+            short_str(&mut p)?; // reply-to
+        }
+        let expiration = if has(8) {
+            Some(std::str::from_utf8(short_str(&mut p)?).ok()?)
+        } else {
+            None
+        };
+        Some(Summary::new(
+            expiration,
+            delivery_mode == Some(2),
+            priority,
+            has(13),
+        ))
+    }
+}
+
 /// A published message. Cloning is a reference-count increment: a fanout to ten queues holds
 /// one copy of the body.
 #[derive(Clone)]
@@ -64,32 +163,49 @@ impl Message {
         raw_properties: &[u8],
         body: &[u8],
     ) -> Message {
+        Message::pack(
+            exchange,
+            routing_key,
+            Summary::of(properties),
+            raw_properties,
+            body,
+        )
+    }
+
+    /// A message from an encoded property block alone (a log record): the summary is read
+    /// straight from the block, so nothing but the message itself is allocated. A block that
+    /// does not decode (a bug, never seen) gives an empty summary rather than losing the body.
+    pub fn from_raw(
+        exchange: &str,
+        routing_key: &str,
+        raw_properties: &[u8],
+        body: &[u8],
+    ) -> Message {
+        let summary = Summary::scan(raw_properties).unwrap_or_else(|| {
+            let properties = parse_properties(raw_properties)
+                .map(|(_, p)| p)
+                .unwrap_or_default();
+            Summary::of(&properties)
+        });
+        Message::pack(exchange, routing_key, summary, raw_properties, body)
+    }
+
+    fn pack(
+        exchange: &str,
+        routing_key: &str,
+        summary: Summary,
+        raw_properties: &[u8],
+        body: &[u8],
+    ) -> Message {
         let exchange = truncated(exchange, u8::MAX as usize);
         let routing_key = truncated(routing_key, u16::MAX as usize);
         let len = HEADER + exchange.len() + routing_key.len() + raw_properties.len() + body.len();
         // One allocation, filled in place: collecting a sized iterator allocates exactly once.
         let mut packed: Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
         if let Some(buf) = Arc::get_mut(&mut packed) {
-            let (expiration, bad_expiration) = match properties.expiration() {
-                None => (NO_EXPIRATION, false),
-                Some(text) => match text.as_str().parse::<u64>() {
-                    Ok(ms) if ms != NO_EXPIRATION => (ms, false),
-                    _ => (NO_EXPIRATION, true),
-                },
-            };
-            let mut flags = 0;
-            if properties.delivery_mode() == &Some(2) {
-                flags |= PERSISTENT;
-            }
-            if properties.headers().is_some() {
-                flags |= HAS_HEADERS;
-            }
-            if bad_expiration {
-                flags |= BAD_EXPIRATION;
-            }
-            buf[EXPIRATION..EXPIRATION + 8].copy_from_slice(&expiration.to_le_bytes());
-            buf[PRIORITY] = properties.priority().unwrap_or(0);
-            buf[FLAGS] = flags;
+            buf[EXPIRATION..EXPIRATION + 8].copy_from_slice(&summary.expiration.to_le_bytes());
+            buf[PRIORITY] = summary.priority;
+            buf[FLAGS] = summary.flags;
             buf[EXCHANGE_LEN] = exchange.len() as u8;
             buf[ROUTING_KEY_LEN..ROUTING_KEY_LEN + 2]
                 .copy_from_slice(&(routing_key.len() as u16).to_le_bytes());
@@ -107,21 +223,6 @@ impl Message {
             }
         }
         Message { packed }
-    }
-
-    /// Rebuilds a message from its log record. Properties that no longer parse (a bug, never
-    /// seen) come back empty rather than losing the body.
-    pub fn from_stored(stored: crate::store::StoredMessage) -> Message {
-        let properties = parse_properties(&stored.raw_properties[..])
-            .map(|(_, p)| p)
-            .unwrap_or_default();
-        Message::from_parts(
-            &stored.exchange,
-            &stored.routing_key,
-            &properties,
-            &stored.raw_properties,
-            &stored.body,
-        )
     }
 
     fn u16_at(&self, at: usize) -> usize {
@@ -412,6 +513,62 @@ mod tests {
         let key = "k".repeat(300);
         let m = Message::from_parts("", &key, &AMQPProperties::default(), &[0, 0], b"");
         assert_eq!(m.routing_key(), key);
+    }
+
+    #[test]
+    fn the_summary_read_from_a_property_block_matches_the_decoded_one() {
+        let mut headers = FieldTable::default();
+        headers.insert("k".into(), AMQPValue::LongString(LongString::from("v")));
+        let full = AMQPProperties::default()
+            .with_content_type("text/plain".into())
+            .with_content_encoding("utf-8".into())
+            .with_headers(headers.clone())
+            .with_delivery_mode(2)
+            .with_priority(4)
+            .with_correlation_id("c".into())
+            .with_reply_to("r".into())
+            .with_expiration("250".into())
+            .with_message_id("m".into());
+        let cases = [
+            AMQPProperties::default(),
+            AMQPProperties::default().with_delivery_mode(2),
+            AMQPProperties::default().with_delivery_mode(1),
+            AMQPProperties::default().with_priority(255),
+            AMQPProperties::default().with_headers(FieldTable::default()),
+            AMQPProperties::default().with_headers(headers),
+            AMQPProperties::default().with_expiration("0".into()),
+            AMQPProperties::default().with_expiration("later".into()),
+            AMQPProperties::default().with_expiration(u64::MAX.to_string().into()),
+            AMQPProperties::default()
+                .with_reply_to("r".into())
+                .with_timestamp(5),
+            full,
+        ];
+        for properties in cases {
+            let raw = encode_properties(&properties);
+            assert_eq!(
+                Summary::scan(&raw),
+                Some(Summary::of(&properties)),
+                "{properties:?}"
+            );
+            let message = Message::from_raw("x", "k", &raw, b"body");
+            assert_eq!(
+                message,
+                Message::from_parts("x", "k", &properties, &raw, b"body")
+            );
+        }
+    }
+
+    #[test]
+    fn a_property_block_that_does_not_scan_falls_back_to_decoding() {
+        // Cut inside the content type: neither reading gets anywhere; the body is kept.
+        assert_eq!(Summary::scan(&[0x80, 0x00, 9, b'a']), None);
+        let message = Message::from_raw("", "q", &[0x80, 0x00, 9, b'a'], b"body");
+        assert_eq!(message.body(), b"body");
+        assert!(!message.is_persistent());
+        // A flags continuation bit: left to the full decoder.
+        assert_eq!(Summary::scan(&[0x10, 0x01, 0x00, 0x00, 2]), None);
+        assert_eq!(Summary::scan(&[]), None);
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! A queue: ready messages in order (per priority), the consumers they are offered to in turn,
 //! and the timers that expire messages and the queue itself.
 
-use bytes::Bytes;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::{Arc, Weak};
@@ -18,7 +17,7 @@ use super::deadline::Deadline;
 use super::ready::ReadyList;
 use super::{ConnectionId, EngineError, VHost};
 use crate::backend::{Settle, Settlement};
-use crate::store::{Guard, Position, QueueLog, Recovered, StoredMessage};
+use crate::store::{Guard, LoggedMessage, Position, QueueLog, Recovered};
 use crate::Message;
 
 /// A message as a queue holds it: the shared message plus its place in this queue.
@@ -338,12 +337,11 @@ impl Queue {
         }
     }
 
-    fn restore_stored(&self, stored: StoredMessage, redelivered: bool) -> QueuedMessage {
+    fn restore_stored(&self, stored: LoggedMessage, redelivered: bool) -> QueuedMessage {
         let expires_at = (stored.expires_at_ms != 0).then(|| from_unix_ms(stored.expires_at_ms));
-        let seq = stored.seq;
         QueuedMessage {
-            seq,
-            message: Message::from_stored(stored),
+            seq: stored.seq,
+            message: stored.message,
             redelivered,
             deadline: expires_at.map(Deadline::at),
             logged: true,
@@ -546,17 +544,14 @@ impl Queue {
         let Some(log) = self.log.as_ref() else {
             return Err(std::io::Error::other("queue has no log"));
         };
-        let m = &queued.message;
-        let stored = StoredMessage {
-            seq: queued.seq,
-            persistent: m.is_persistent(),
-            expires_at_ms: queued.expires_at().map_or(0, to_unix_ms),
-            exchange: m.exchange().to_string(),
-            routing_key: m.routing_key().to_string(),
-            raw_properties: Bytes::copy_from_slice(m.raw_properties()),
-            body: m.body_bytes(),
-        };
-        log.append_message(&stored, paged, guard.cloned())
+        let expires_at_ms = queued.expires_at().map_or(0, to_unix_ms);
+        log.append_message(
+            queued.seq,
+            expires_at_ms,
+            &queued.message,
+            paged,
+            guard.cloned(),
+        )
     }
 
     /// Brings paged messages back into memory once the in-memory part has drained to half.
@@ -577,7 +572,10 @@ impl Queue {
                 for stored in messages {
                     let redelivered = stored.seq < st.paged.redelivered_below;
                     st.paged.count = st.paged.count.saturating_sub(1);
-                    st.paged.bytes = st.paged.bytes.saturating_sub(stored.body.len() as u64);
+                    st.paged.bytes = st
+                        .paged
+                        .bytes
+                        .saturating_sub(stored.message.body_len() as u64);
                     let msg = self.restore_stored(stored, redelivered);
                     self.enqueue(st, msg);
                 }
@@ -649,10 +647,24 @@ impl Queue {
         self.discard(dead);
     }
 
-    /// Acknowledged (or delivered with no-ack): gone for good.
+    /// Acknowledged (or delivered with no-ack): gone for good. The log learns of a batch (a
+    /// multiple ack) at once, in as few records as the sequence numbers allow.
     pub fn ack(&self, messages: impl IntoIterator<Item = QueuedMessage>) {
+        let Some(log) = &self.log else {
+            for m in messages {
+                self.settle_remote(&m, Settlement::Ack);
+            }
+            return;
+        };
+        let mut logged = Vec::new();
         for m in messages {
-            self.forget(&m);
+            self.settle_remote(&m, Settlement::Ack);
+            if m.logged {
+                logged.push((m.seq, m.message.is_persistent()));
+            }
+        }
+        if !logged.is_empty() {
+            log.remove_all(&mut logged);
         }
     }
 

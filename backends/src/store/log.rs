@@ -2,17 +2,21 @@
 //! `Syncer`, read back for paging and recovery, deleted from the front once fully acknowledged.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use parking_lot::Mutex;
 
 use super::rangeset::RangeSet;
 use super::record::{self, Record, StoredMessage};
 use super::syncer::Syncer;
 use super::Guard;
+use crate::Message;
+
+/// Records are encoded straight into the write buffer, which goes to the segment file once it
+/// holds this much (and on every group commit).
+const WRITE_BUFFER: usize = 64 * 1024;
 
 /// Where a record starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,15 +38,17 @@ struct Segment {
 
 struct LogInner {
     segments: Vec<Segment>,
-    writer: Option<BufWriter<File>>,
+    /// The active segment. Shared so the syncer can fsync it without holding the lock.
+    file: Option<Arc<File>>,
+    /// Encoded records not yet written to `file`.
+    buffer: Vec<u8>,
     /// Length of the active segment including what is still buffered.
     active_len: u64,
     /// Completions waiting for the next fsync.
     pending: Vec<Guard>,
     dirty: bool,
-    scratch: BytesMut,
     /// Segments rotated out since the last fsync: synced with the next group commit.
-    retired: Vec<File>,
+    retired: Vec<Arc<File>>,
     destroyed: bool,
     /// Set by recovery: records to skip when paging in (acknowledged before the restart).
     skip: RangeSet,
@@ -68,11 +74,30 @@ impl std::fmt::Debug for QueueLog {
     }
 }
 
+/// A message read back from the log.
+#[derive(Debug)]
+pub struct LoggedMessage {
+    pub seq: u64,
+    /// Absolute expiry, Unix milliseconds; 0 when the message does not expire.
+    pub expires_at_ms: u64,
+    pub message: Message,
+}
+
+impl LoggedMessage {
+    fn from_record(stored: &StoredMessage<'_>) -> LoggedMessage {
+        LoggedMessage {
+            seq: stored.seq,
+            expires_at_ms: stored.expires_at_ms,
+            message: stored.to_message(),
+        }
+    }
+}
+
 /// What recovery found in a queue's log.
 #[derive(Debug, Default)]
 pub struct Recovered {
     /// Unacknowledged persistent messages, in order, up to the in-memory limit.
-    pub messages: Vec<StoredMessage>,
+    pub messages: Vec<LoggedMessage>,
     /// Further unacknowledged messages left on disk, to page in later.
     pub paged: u64,
     pub paged_bytes: u64,
@@ -114,7 +139,7 @@ impl QueueLog {
             let mut next_seq = out.next_seq;
             let (damage, valid_end) = record::scan_each(&buf, |_, rec| match rec {
                 Record::Ack(seq) => acked.insert(seq),
-                Record::Purge(from, to) => acked.insert_range(from, to),
+                Record::Gone(from, to) => acked.insert_range(from, to),
                 Record::Message(m) => next_seq = next_seq.max(m.seq + 1),
             });
             out.next_seq = next_seq;
@@ -164,7 +189,7 @@ impl QueueLog {
                 }
                 seg.live += 1;
                 if out.messages.len() < memory_limit && out.cursor.is_none() {
-                    out.messages.push(m);
+                    out.messages.push(LoggedMessage::from_record(&m));
                 } else {
                     if out.cursor.is_none() {
                         out.cursor = Some(Position {
@@ -188,11 +213,11 @@ impl QueueLog {
             syncer,
             inner: Mutex::new(LogInner {
                 segments,
-                writer: None,
+                file: None,
+                buffer: Vec::with_capacity(WRITE_BUFFER),
                 active_len: 0,
                 pending: Vec::new(),
                 dirty: false,
-                scratch: BytesMut::with_capacity(4096),
                 retired: Vec::new(),
                 destroyed: false,
                 skip: acked,
@@ -209,8 +234,10 @@ impl QueueLog {
     }
 
     fn open_segment(&self, inner: &mut LogInner, id: u64) -> io::Result<()> {
-        if let Some(w) = inner.writer.take() {
-            let file = w.into_inner().map_err(|e| e.into_error())?;
+        if inner.file.is_some() {
+            Self::write_buffer(inner)?;
+        }
+        if let Some(file) = inner.file.take() {
             inner.retired.push(file);
         }
         let file = OpenOptions::new()
@@ -218,7 +245,7 @@ impl QueueLog {
             .append(true)
             .open(segment_path(&self.dir, id))?;
         super::sync_dir(&self.dir);
-        inner.writer = Some(BufWriter::with_capacity(64 * 1024, file));
+        inner.file = Some(Arc::new(file));
         inner.active_len = 0;
         inner.segments.push(Segment {
             id,
@@ -229,7 +256,31 @@ impl QueueLog {
         Ok(())
     }
 
-    fn write_record(&self, inner: &mut LogInner, rec: &Record) -> io::Result<Position> {
+    /// Writes the buffered records to the active segment. What a failed write did not take
+    /// stays buffered, so the next group commit retries it (and fails its completions if the
+    /// disk still refuses).
+    fn write_buffer(inner: &mut LogInner) -> io::Result<()> {
+        let LogInner { file, buffer, .. } = inner;
+        let Some(file) = file.as_deref() else {
+            return Err(io::Error::other("queue log has no open segment"));
+        };
+        let mut written = 0;
+        let result = loop {
+            if written == buffer.len() {
+                break Ok(());
+            }
+            match (&*file).write(&buffer[written..]) {
+                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => break Err(err),
+            }
+        };
+        buffer.drain(..written);
+        result
+    }
+
+    fn write_record(&self, inner: &mut LogInner, rec: &Record<'_>) -> io::Result<Position> {
         if inner.destroyed {
             return Err(io::Error::other("queue log deleted"));
         }
@@ -237,16 +288,14 @@ impl QueueLog {
             let next = inner.segments.last().map_or(0, |s| s.id + 1);
             self.open_segment(inner, next)?;
         }
-        let mut scratch = std::mem::take(&mut inner.scratch);
-        scratch.clear();
-        record::encode(rec, &mut scratch);
-        let result = match inner.writer.as_mut() {
-            Some(w) => w.write_all(&scratch),
-            None => Err(io::Error::other("queue log has no open segment")),
-        };
-        let len = scratch.len() as u64;
-        inner.scratch = scratch;
-        result?;
+        // Like a buffered writer: a record is refused, not buffered without bound, while the
+        // buffer cannot be written.
+        if inner.buffer.len() >= WRITE_BUFFER {
+            Self::write_buffer(inner)?;
+        }
+        let start = inner.buffer.len();
+        record::encode(rec, &mut inner.buffer);
+        let len = (inner.buffer.len() - start) as u64;
         let segment = inner.segments.last().map_or(0, |s| s.id);
         let pos = Position {
             segment,
@@ -256,24 +305,29 @@ impl QueueLog {
         Ok(pos)
     }
 
-    /// Appends a message. `sync`: the message must be on disk before `guard` is released
-    /// (persistent); otherwise it is logged only to be paged out. `paged`: it leaves memory.
+    /// Appends `message`, queued with sequence number `seq`, encoding it straight from its
+    /// buffer. A persistent message must be on disk before `guard` is released; a transient one
+    /// is logged only to be paged out. `paged`: it leaves memory.
     pub fn append_message(
         self: &Arc<Self>,
-        msg: &StoredMessage,
+        seq: u64,
+        expires_at_ms: u64,
+        message: &Message,
         paged: bool,
         guard: Option<Guard>,
     ) -> io::Result<Position> {
+        let persistent = message.is_persistent();
+        let stored = StoredMessage::of(seq, expires_at_ms, message, persistent);
         let mut inner = self.inner.lock();
-        let pos = self.write_record(&mut inner, &Record::Message(msg.clone()))?;
+        let pos = self.write_record(&mut inner, &Record::Message(stored))?;
         if let Some(seg) = inner.segments.last_mut() {
-            seg.first_seq = seg.first_seq.min(msg.seq);
+            seg.first_seq = seg.first_seq.min(seq);
             seg.live += 1;
             if paged {
                 seg.paged += 1;
             }
         }
-        if msg.persistent {
+        if persistent {
             if let Some(g) = guard {
                 inner.pending.push(g);
             }
@@ -297,17 +351,43 @@ impl QueueLog {
     /// A logged message left the queue for good. Persistent ones get an ack record (not
     /// fsync'd: losing it in a crash means a redelivery, never a loss).
     pub fn remove(&self, seq: u64, persistent: bool) {
+        self.remove_all(&mut [(seq, persistent)]);
+    }
+
+    /// Logged messages left the queue for good: `(seq, persistent)` each, in any order. Runs
+    /// of consecutive persistent ones (a multiple ack) take one record, not one each.
+    pub fn remove_all(&self, removed: &mut [(u64, bool)]) {
+        removed.sort_unstable_by_key(|(seq, _)| *seq);
         let mut inner = self.inner.lock();
         if inner.destroyed {
             return;
         }
-        if persistent {
-            if let Err(err) = self.write_record(&mut inner, &Record::Ack(seq)) {
+        let mut persistent = removed.iter().filter(|(_, p)| *p).map(|(seq, _)| *seq);
+        let mut next_run = persistent.next();
+        while let Some(from) = next_run {
+            next_run = None;
+            let mut end = from;
+            for seq in persistent.by_ref() {
+                if seq == end.wrapping_add(1) {
+                    end = seq;
+                } else {
+                    next_run = Some(seq);
+                    break;
+                }
+            }
+            let record = if from == end {
+                Record::Ack(from)
+            } else {
+                Record::Gone(from, end)
+            };
+            if let Err(err) = self.write_record(&mut inner, &record) {
                 tracing::error!(dir = %self.dir.display(), %err, "cannot write ack record");
             }
         }
-        if let Some(seg) = Self::segment_of(&mut inner, seq) {
-            seg.live = seg.live.saturating_sub(1);
+        for (seq, _) in removed.iter() {
+            if let Some(seg) = Self::segment_of(&mut inner, *seq) {
+                seg.live = seg.live.saturating_sub(1);
+            }
         }
         self.drop_dead_segments(&mut inner);
     }
@@ -318,7 +398,7 @@ impl QueueLog {
         if inner.destroyed {
             return;
         }
-        if let Err(err) = self.write_record(&mut inner, &Record::Purge(from, to)) {
+        if let Err(err) = self.write_record(&mut inner, &Record::Gone(from, to)) {
             tracing::error!(dir = %self.dir.display(), %err, "cannot write purge record");
         }
         for seg in inner.segments.iter_mut() {
@@ -347,10 +427,10 @@ impl QueueLog {
         mut cursor: Position,
         max: usize,
         max_bytes: usize,
-    ) -> io::Result<(Vec<StoredMessage>, Position)> {
+    ) -> io::Result<(Vec<LoggedMessage>, Position)> {
         let mut inner = self.inner.lock();
-        if let Some(w) = inner.writer.as_mut() {
-            w.flush()?;
+        if inner.file.is_some() {
+            Self::write_buffer(&mut inner)?;
         }
         let mut out = Vec::new();
         let mut bytes = 0usize;
@@ -394,7 +474,7 @@ impl QueueLog {
                                 seg.paged = seg.paged.saturating_sub(1);
                             }
                             bytes += m.body.len();
-                            out.push(m);
+                            out.push(LoggedMessage::from_record(&m));
                         }
                     }
                     record::Next::Incomplete => {
@@ -449,7 +529,8 @@ impl QueueLog {
     pub fn destroy(&self) {
         let mut inner = self.inner.lock();
         inner.destroyed = true;
-        inner.writer = None;
+        inner.file = None;
+        inner.buffer = Vec::new();
         inner.pending.clear();
         if let Err(err) = fs::remove_dir_all(&self.dir) {
             tracing::warn!(dir = %self.dir.display(), %err, "cannot delete queue log");
@@ -463,18 +544,19 @@ impl QueueLog {
             inner.dirty = false;
             let guards = std::mem::take(&mut inner.pending);
             let retired = std::mem::take(&mut inner.retired);
-            let file = match inner.writer.as_mut() {
-                Some(w) => match w.flush().and_then(|_| w.get_ref().try_clone()) {
-                    Ok(f) => Some(f),
-                    Err(err) => {
-                        tracing::error!(dir = %self.dir.display(), %err, "cannot flush queue log");
-                        for g in &guards {
-                            g.failed(&err.to_string());
-                        }
-                        None
+            let written = match inner.file {
+                Some(_) => Self::write_buffer(&mut inner),
+                None => Ok(()),
+            };
+            let file = match written {
+                Ok(()) => inner.file.clone(),
+                Err(err) => {
+                    tracing::error!(dir = %self.dir.display(), %err, "cannot write queue log");
+                    for g in &guards {
+                        g.failed(&err.to_string());
                     }
-                },
-                None => None,
+                    None
+                }
             };
             (file, guards, retired)
         };
@@ -498,21 +580,33 @@ impl QueueLog {
     }
 }
 
+impl Drop for QueueLog {
+    /// Buffered records (ack records, which no fsync waits for) reach the file on shutdown.
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut();
+        if inner.file.is_some() && !inner.buffer.is_empty() {
+            if let Err(err) = Self::write_buffer(inner) {
+                tracing::error!(dir = %self.dir.display(), %err, "cannot write queue log");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
+    use amq_protocol::protocol::basic::AMQPProperties;
 
-    fn stored(seq: u64, persistent: bool) -> StoredMessage {
-        StoredMessage {
-            seq,
-            persistent,
-            expires_at_ms: 0,
-            exchange: String::new(),
-            routing_key: "q".into(),
-            raw_properties: Bytes::from_static(&[0, 0]),
-            body: Bytes::from(seq.to_be_bytes().to_vec()),
-        }
+    fn append(log: &Arc<QueueLog>, seq: u64, persistent: bool, paged: bool) -> Position {
+        let properties =
+            AMQPProperties::default().with_delivery_mode(if persistent { 2 } else { 1 });
+        let message = Message::new(
+            "".into(),
+            "q".into(),
+            properties,
+            bytes::Bytes::from(seq.to_be_bytes().to_vec()),
+        );
+        log.append_message(seq, 0, &message, paged, None).unwrap()
     }
 
     fn seqs(r: &Recovered) -> Vec<u64> {
@@ -527,8 +621,7 @@ mod tests {
         let (log, rec) = QueueLog::open(path.clone(), 256, syncer.clone(), 1000).unwrap();
         assert!(rec.messages.is_empty());
         for seq in 0..40 {
-            log.append_message(&stored(seq, seq % 5 != 0), false, None)
-                .unwrap();
+            append(&log, seq, seq % 5 != 0, false);
         }
         for seq in 0..10 {
             log.remove(seq, seq % 5 != 0);
@@ -553,13 +646,81 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_of_acks_takes_one_record_per_run_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let syncer = Syncer::start();
+        let path = dir.path().join("q");
+        let (log, _) = QueueLog::open(path.clone(), 1 << 20, syncer.clone(), 1000).unwrap();
+        for seq in 0..20 {
+            append(&log, seq, seq != 7, false);
+        }
+        log.sync();
+        // Out of order, with a transient (7) in the middle of a run and a gap at 12.
+        let mut batch: Vec<(u64, bool)> = [5, 3, 4, 6, 7, 8, 9, 10, 11, 13, 14, 1]
+            .iter()
+            .map(|&seq| (seq, seq != 7))
+            .collect();
+        log.remove_all(&mut batch);
+        // Not fsync'd: dropping the log writes what it buffered.
+        drop(log);
+        let mut acks = Vec::new();
+        for entry in fs::read_dir(&path).unwrap() {
+            let bytes = fs::read(entry.unwrap().path()).unwrap();
+            let (records, _, _) = record::scan(&bytes);
+            acks.extend(records.into_iter().filter_map(|(_, r)| match r {
+                Record::Message(_) => None,
+                Record::Ack(seq) => Some(Record::Ack(seq)),
+                Record::Gone(from, to) => Some(Record::Gone(from, to)),
+            }));
+        }
+        assert_eq!(
+            acks,
+            vec![
+                Record::Ack(1),
+                Record::Gone(3, 6),
+                Record::Gone(8, 11),
+                Record::Gone(13, 14),
+            ]
+        );
+        let (_log, rec) = QueueLog::open(path, 1 << 20, syncer.clone(), 1000).unwrap();
+        assert_eq!(seqs(&rec), vec![0, 2, 12, 15, 16, 17, 18, 19]);
+        syncer.stop();
+    }
+
+    #[test]
+    fn recovered_messages_are_the_ones_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let syncer = Syncer::start();
+        let path = dir.path().join("q");
+        let (log, _) = QueueLog::open(path.clone(), 1 << 20, syncer.clone(), 1000).unwrap();
+        let properties = AMQPProperties::default()
+            .with_delivery_mode(2)
+            .with_priority(3)
+            .with_expiration("9000".into());
+        let message = Message::new(
+            "ex".into(),
+            "a.b".into(),
+            properties,
+            bytes::Bytes::from_static(b"kept"),
+        );
+        log.append_message(0, 1_234, &message, false, None).unwrap();
+        log.sync();
+        drop(log);
+        let (_log, rec) = QueueLog::open(path, 1 << 20, syncer.clone(), 1000).unwrap();
+        assert_eq!(rec.messages.len(), 1);
+        assert_eq!(rec.messages[0].expires_at_ms, 1_234);
+        assert_eq!(rec.messages[0].message, message);
+        syncer.stop();
+    }
+
+    #[test]
     fn a_corrupt_record_in_an_older_segment_is_reported_and_the_rest_recovered() {
         let dir = tempfile::tempdir().unwrap();
         let syncer = Syncer::start();
         let path = dir.path().join("q");
         let (log, _) = QueueLog::open(path.clone(), 300, syncer.clone(), 1000).unwrap();
         for seq in 0..30 {
-            log.append_message(&stored(seq, true), false, None).unwrap();
+            append(&log, seq, true, false);
         }
         log.sync();
         drop(log);
@@ -579,11 +740,12 @@ mod tests {
         let (offset, Record::Message(hit)) = records[1].clone() else {
             panic!("message expected")
         };
+        let (offset, hit_seq) = (offset, hit.seq);
         bytes[offset as usize + 20] ^= 0x5A;
         fs::write(&victim, &bytes).unwrap();
 
         let (_log, rec) = QueueLog::open(path.clone(), 300, syncer.clone(), 1000).unwrap();
-        let expected: Vec<u64> = (0..30).filter(|s| *s != hit.seq).collect();
+        let expected: Vec<u64> = (0..30).filter(|s| *s != hit_seq).collect();
         assert_eq!(seqs(&rec), expected, "every good record is recovered");
         assert_eq!(rec.damage.len(), 1, "{:?}", rec.damage);
         let report = &rec.damage[0];
@@ -597,10 +759,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let syncer = Syncer::start();
         let (log, _) = QueueLog::open(dir.path().join("q"), 200, syncer.clone(), 1000).unwrap();
-        let first = log.append_message(&stored(0, false), true, None).unwrap();
+        let first = append(&log, 0, false, true);
         for seq in 1..50 {
-            log.append_message(&stored(seq, seq % 2 == 0), true, None)
-                .unwrap();
+            append(&log, seq, seq % 2 == 0, true);
         }
         let mut cursor = first;
         let mut got = Vec::new();

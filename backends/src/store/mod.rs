@@ -23,7 +23,7 @@ use amq_protocol::types::FieldTable;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-pub use log::{Position, QueueLog, Recovered};
+pub use log::{LoggedMessage, Position, QueueLog, Recovered};
 pub use record::StoredMessage;
 pub use syncer::Syncer;
 
