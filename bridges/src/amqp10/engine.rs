@@ -119,6 +119,12 @@ pub(crate) struct Options {
     pub target: Amqp10Target,
     pub token_lifetime: Duration,
     pub receive_session: Option<String>,
+    /// `receive_session: "*"`: how long a session may go without a message (nothing unsettled)
+    /// before the receiver moves to the next available one. `None`: the session is kept.
+    pub session_idle_timeout: Option<Duration>,
+    /// How long the peer may stay silent before the connection is declared dead (the Open asks
+    /// for traffic at half of it). `None`: no idle timeout.
+    pub idle_timeout: Option<Duration>,
     /// `amqps://` with a CA file or a client certificate; `None`: webpki roots, no client auth.
     pub tls: Option<tokio_rustls::TlsConnector>,
     /// A client certificate is configured: log in with SASL EXTERNAL.
@@ -136,6 +142,11 @@ impl Options {
             target: config.effective_target(),
             token_lifetime: Duration::from_secs(config.token_lifetime_secs.max(1)),
             receive_session: config.receive_session.clone(),
+            session_idle_timeout: config
+                .effective_session_idle_timeout_ms()
+                .map(|ms| Duration::from_millis(ms.max(1))),
+            idle_timeout: (config.idle_timeout_ms > 0)
+                .then(|| Duration::from_millis(config.idle_timeout_ms)),
             tls,
             external: config.client_cert_file.is_some(),
         })
@@ -203,6 +214,10 @@ pub(crate) struct Link {
     receiver: Receiver,
     /// The entity's `$management` node (Service Bus: lock renewal).
     management: Option<MgmtLink>,
+    /// `receive_session: "*"`: let the session go after this long without a message.
+    session_idle_timeout: Option<Duration>,
+    /// The session the peer granted (the attach's session filter), when it named one.
+    session: Option<String>,
 }
 
 struct Conn {
@@ -420,11 +435,18 @@ impl Engine {
         let container = format!("warren-{}-{:08x}", self.name, rand::random::<u32>());
         // amqps:// is TLS from the first byte on the port (the "alternative establishment" of
         // the spec's 5.2.1), as Service Bus, RabbitMQ and Artemis listen on 5671.
-        let builder = Connection::builder()
+        let mut builder = Connection::builder()
             .container_id(container)
             .hostname(self.endpoint.hostname.as_str())
             .alt_tls_establishment(true)
             .sasl_profile(profile);
+        if let Some(idle) = self.options.idle_timeout {
+            // fe2o3 declares the connection dead after this long without a frame from the peer
+            // and sends half of it as the Open's idle-time-out (spec 2.4.5), so the peer's
+            // heartbeats come twice as often as needed; it answers the peer's own idle-time-out
+            // with empty frames.
+            builder = builder.idle_time_out(u32::try_from(idle.as_millis()).unwrap_or(u32::MAX));
+        }
         let open = async {
             match (&self.options.tls, self.endpoint.tls) {
                 (Some(connector), true) => {
@@ -556,25 +578,60 @@ impl Engine {
             terminus =
                 terminus.add_to_filter_using_legacy_format(Symbol::from(SESSION_FILTER), value);
         }
+        let next_available = self.options.receive_session.as_deref() == Some("*");
         let attach = Receiver::builder()
             .name(name)
             .source(terminus.build())
             .credit_mode(CreditMode::Manual)
             .auto_accept(false)
+            // fe2o3 refuses an answer whose filter value is null, which is what a peer echoing
+            // the next-available-session request sends; the filter is checked below instead.
+            .verify_incoming_source(!next_available)
             .attach(&mut conn.session);
         let receiver = match timeout(STEP_TIMEOUT, attach).await {
             Ok(Ok(receiver)) => receiver,
             Ok(Err(e)) => return Err(format!("cannot attach a receiver to '{source}': {e}")),
             Err(_) => return Err(format!("attaching a receiver to '{source}' timed out")),
         };
+        if next_available {
+            let refusal = match receiver.source() {
+                // Service Bus answers so when no session becomes available in time.
+                None => Some(format!("no session available on '{source}'")),
+                Some(s)
+                    if !s
+                        .filter
+                        .as_ref()
+                        .is_some_and(|f| f.contains_key(&Symbol::from(SESSION_FILTER))) =>
+                {
+                    Some(format!(
+                        "'{source}': the peer ignored the session filter ({SESSION_FILTER}); is \
+                         the entity session-enabled?"
+                    ))
+                }
+                Some(_) => None,
+            };
+            if let Some(reason) = refusal {
+                let _ = timeout(Duration::from_secs(2), receiver.close()).await;
+                return Err(reason);
+            }
+        }
+        let mut session = None;
         if self.options.receive_session.is_some() {
-            let granted = receiver
+            // Service Bus answers with the granted session id in the source's filter.
+            session = receiver
                 .source()
                 .as_ref()
                 .and_then(|s| s.filter.as_ref())
                 .and_then(|f| f.get(&Symbol::from(SESSION_FILTER)))
-                .map(|v| format!("{v:?}"));
-            tracing::info!(backend = %self.name, %source, session = ?granted, "amqp10: session receiver attached");
+                .and_then(|v| match v {
+                    Value::String(id) => Some(id.clone()),
+                    Value::Described(d) => match &d.value {
+                        Value::String(id) => Some(id.clone()),
+                        _ => None,
+                    },
+                    _ => None,
+                });
+            tracing::info!(backend = %self.name, %source, session = ?session, "amqp10: session receiver attached");
         }
         let management = if self.options.target == Amqp10Target::Servicebus {
             let node = format!("{}/$management", source.trim_end_matches('/'));
@@ -601,6 +658,8 @@ impl Engine {
         Ok(Link {
             receiver,
             management,
+            session_idle_timeout: self.options.session_idle_timeout,
+            session,
         })
     }
 
@@ -789,13 +848,22 @@ impl Engine {
                     if let Some(e) = failed { break e; }
                 }
                 r = conn.connection.on_close() => {
-                    break match r {
-                        Ok(()) => "the peer closed the connection".to_string(),
-                        Err(e) => format!("connection closed: {e}"),
-                    };
+                    break self.describe_close(r);
                 }
             }
         };
+        // A dead connection often shows first as failed transfers or links; its own end says
+        // best why (an idle timeout above all), so it is given a moment to tell.
+        let mut broken = broken;
+        if !conn.connection.is_closed() {
+            if let Ok(Err(e)) =
+                timeout(Duration::from_millis(200), conn.connection.on_close()).await
+            {
+                if is_idle_timeout(&e) {
+                    broken = self.describe_close(Err(e));
+                }
+            }
+        }
         // Unsettled messages go back, in order, to be resent on the next connection.
         drop(futs);
         drop(senders);
@@ -810,6 +878,21 @@ impl Engine {
         Exit::Broken {
             reason: broken,
             healthy: accepted_any || started.elapsed() > Duration::from_secs(10),
+        }
+    }
+
+    /// Why the connection ended, for logs and health.
+    fn describe_close(&self, result: Result<(), fe2o3_amqp::connection::Error>) -> String {
+        match result {
+            Ok(()) => "the peer closed the connection".to_string(),
+            Err(e) if is_idle_timeout(&e) => {
+                format!(
+                    "the peer was silent for longer than idle_timeout_ms ({} ms): connection \
+                     declared dead",
+                    self.options.idle_timeout.unwrap_or_default().as_millis()
+                )
+            }
+            Err(e) => format!("connection closed: {e}"),
         }
     }
 
@@ -845,6 +928,16 @@ impl Engine {
         self.closed.store(true, Ordering::Release);
         *self.health.lock() = Health::Closed;
     }
+}
+
+/// The connection ended because the peer was silent past our idle timeout.
+fn is_idle_timeout(error: &fe2o3_amqp::connection::Error) -> bool {
+    matches!(
+        error,
+        fe2o3_amqp::connection::Error::TransportError(
+            fe2o3_amqp::transport::Error::IdleTimeoutElapsed
+        )
+    )
 }
 
 /// Waits until the first token is due for renewal (forever without tokens).
@@ -1115,7 +1208,11 @@ async fn subscription_task(
             Ok(Ok(link)) => link,
         };
         generation += 1;
-        tracing::info!(backend = %name, %source, prefetch, "amqp10: subscribed");
+        tracing::info!(backend = %name, %source, prefetch, session = ?link.session, "amqp10: subscribed");
+        // `receive_session: "*"`: the session is let go once it has been idle this long.
+        let session_idle = link.session_idle_timeout;
+        let mut session = link.session.clone();
+        let mut last_activity = Instant::now();
         let mut unsettled: u32 = 0;
         // Locks of unsettled deliveries (Service Bus peek-lock), by delivery id.
         let mut held: HashMap<u32, Held> = HashMap::new();
@@ -1127,17 +1224,25 @@ async fn subscription_task(
             continue;
         }
         failures = 0;
-        let reason = loop {
+        // `Some(reason)`: the link failed; `None`: the session went idle and is let go.
+        let lost: Option<String> = loop {
             tokio::select! {
                 delivery = link.receiver.recv::<Body<Value>>() => match delivery {
                     Ok(delivery) => {
                         unsettled += 1;
+                        last_activity = Instant::now();
+                        if session.is_none() && session_idle.is_some() {
+                            // The peer named no session in the attach: Service Bus stamps
+                            // each session message's group-id with it.
+                            session = delivery
+                                .message()
+                                .properties
+                                .as_ref()
+                                .and_then(|p| p.group_id.clone());
+                        }
                         let message = mapping::from_amqp10(delivery.message(), &source);
-                        let redelivered = delivery
-                            .message()
-                            .header
-                            .as_ref()
-                            .is_some_and(|h| h.delivery_count > 0);
+                        let redelivered =
+                            mapping::redelivered(delivery.message().header.as_ref(), target);
                         let info = DeliveryInfo::from(&delivery);
                         if link.management.is_some() {
                             if let Some(lock) = held_lock(&delivery) {
@@ -1154,9 +1259,10 @@ async fn subscription_task(
                             return;
                         }
                     }
-                    Err(e) => break format!("{e}"),
+                    Err(e) => break Some(format!("{e}")),
                 },
                 Some(first) = settle_rx.recv() => {
+                    last_activity = Instant::now();
                     let mut batch = vec![first];
                     while let Ok(more) = settle_rx.try_recv() {
                         batch.push(more);
@@ -1173,12 +1279,15 @@ async fn subscription_task(
                             break;
                         }
                     }
-                    if let Some(e) = failed { break e; }
+                    if let Some(e) = failed { break Some(e); }
                     let credit = (prefetch as u32).saturating_sub(unsettled);
                     if let Err(e) = link.receiver.set_credit(credit).await {
-                        break format!("cannot grant credit: {e}");
+                        break Some(format!("cannot grant credit: {e}"));
                     }
                 }
+                // Only with nothing unsettled: a session's messages are settled on the link
+                // (and under the session lock) they came on, so the link stays until then.
+                _ = sleep_until_idle(session_idle, last_activity), if unsettled == 0 => break None,
                 _ = sleep_until_lock_renewal(&held) => {
                     if let Some(management) = link.management.as_mut() {
                         renew_locks(&name, &source, &link_name, management, &mut held).await;
@@ -1193,12 +1302,41 @@ async fn subscription_task(
                 }
             }
         };
-        tracing::warn!(backend = %name, %source, %reason, "amqp10: subscription link lost; re-attaching");
         if let Some(m) = link.management.take() {
             m.close().await;
         }
+        let Some(reason) = lost else {
+            tracing::info!(
+                backend = %name,
+                %source,
+                session = ?session,
+                idle_ms = session_idle.unwrap_or_default().as_millis() as u64,
+                "amqp10: session idle: letting it go and asking for the next available session"
+            );
+            // Detaching releases the session lock, so another receiver (or this one) can take
+            // the session when new messages arrive in it.
+            match timeout(STEP_TIMEOUT, link.receiver.close()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(backend = %name, %source, error = %e, "amqp10: closing the idle session's link failed");
+                }
+                Err(_) => {
+                    tracing::debug!(backend = %name, %source, "amqp10: closing the idle session's link timed out");
+                }
+            }
+            continue;
+        };
+        tracing::warn!(backend = %name, %source, %reason, "amqp10: subscription link lost; re-attaching");
         failures += 1;
         sleep(backoff(&retry, failures)).await;
+    }
+}
+
+/// Waits until a session idle since `last_activity` has been so for `idle` (forever without).
+async fn sleep_until_idle(idle: Option<Duration>, last_activity: Instant) {
+    match idle {
+        Some(idle) => tokio::time::sleep_until(last_activity + idle).await,
+        None => std::future::pending().await,
     }
 }
 
