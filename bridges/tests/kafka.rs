@@ -23,7 +23,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use rdkafka::config::ClientConfig;
@@ -31,11 +30,11 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message as _;
-use warren_backends::{Backend, Health, Incoming, Message, Settlement, Subscription};
+use warren_backends::{Backend, Health, Message, Settlement};
 use warren_bridges::kafka::KafkaBridge;
 use warren_config::file::{KafkaBackend, KafkaSecurityProtocol, RetryConfig};
 
-use support::{repo_root, Outcomes};
+use support::{broker_script, init_logs, message, next, unique, Outcomes};
 
 fn url() -> String {
     support::env_url("WARREN_TEST_KAFKA_URL", "tansu", "Kafka-protocol broker")
@@ -43,24 +42,6 @@ fn url() -> String {
 
 fn server_lock(exclusive: bool) -> File {
     support::broker_lock("tansu", exclusive)
-}
-
-fn init_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("warren.test.{prefix}.{}.{nanos}", std::process::id())
 }
 
 /// Group timings short enough for tests (the broker's defaults make a first join slow).
@@ -102,19 +83,7 @@ fn config() -> KafkaBackend {
 
 /// Creates `topic` with `partitions` partitions, failing loudly when the broker is down.
 fn create_topic(topic: &str, partitions: u32) {
-    let out = std::process::Command::new(repo_root().join("scripts/tansu.sh"))
-        .args(["create-topic", topic, &partitions.to_string()])
-        .output()
-        .expect("run scripts/tansu.sh");
-    assert!(
-        out.status.success(),
-        "creating topic {topic} failed (is `scripts/tansu.sh start` running?): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Message {
-    Message::new("demo".into(), routing_key.into(), properties, body.into())
+    broker_script("tansu", &["create-topic", topic, &partitions.to_string()]);
 }
 
 fn full_properties() -> BasicProperties {
@@ -125,20 +94,7 @@ fn full_properties() -> BasicProperties {
     );
     headers.insert("attempt".into(), AMQPValue::LongInt(3));
     headers.insert("urgent".into(), AMQPValue::Boolean(true));
-    BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_content_encoding("utf-8".into())
-        .with_headers(headers)
-        .with_delivery_mode(2)
-        .with_priority(3)
-        .with_correlation_id("corr-1".into())
-        .with_reply_to("replies".into())
-        .with_expiration("60000".into())
-        .with_message_id("m-1".into())
-        .with_timestamp(1_700_000_000)
-        .with_type("order.created".into())
-        .with_user_id("guest".into())
-        .with_app_id("tests".into())
+    support::full_properties(headers)
 }
 
 fn raw_producer() -> FutureProducer {
@@ -161,13 +117,6 @@ fn raw_consumer(topic: &str) -> StreamConsumer {
         .expect("consumer");
     c.subscribe(&[topic]).expect("subscribe");
     c
-}
-
-async fn next(sub: &mut Box<dyn Subscription>) -> Incoming {
-    tokio::time::timeout(Duration::from_secs(30), sub.next())
-        .await
-        .expect("no message within 30s")
-        .expect("subscription ended")
 }
 
 fn header(m: &Message, name: &str) -> Option<AMQPValue> {
@@ -560,15 +509,7 @@ async fn nothing_confirmed_is_lost_when_the_broker_is_killed_mid_stream() {
     while outcomes.done.load(Ordering::SeqCst) < 500 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let out = std::process::Command::new(repo_root().join("scripts/tansu.sh"))
-        .arg("kill-restart")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    broker_script("tansu", &["kill-restart"]);
     publisher.await.unwrap();
     outcomes.wait_done(total, Duration::from_secs(120)).await;
     let confirmed: BTreeSet<usize> = outcomes.confirmed.lock().unwrap().iter().copied().collect();

@@ -19,7 +19,7 @@ use lapin::BasicProperties;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
-use warren_backends::{Backend, Incoming, Message, Settlement, Subscription};
+use warren_backends::{Backend, Settlement};
 use warren_bridges::mqtt::MqttBridge;
 use warren_config::file::{MqttBackend, RetryConfig};
 
@@ -39,14 +39,6 @@ fn host_port() -> (String, u16) {
 
 fn broker_lock(exclusive: bool) -> File {
     support::broker_lock("mosquitto", exclusive)
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("warren-test-{prefix}-{}-{nanos}", std::process::id())
 }
 
 fn config(client_id: &str) -> MqttBackend {
@@ -169,18 +161,7 @@ async fn raw_client(
     (client, rx)
 }
 
-use support::{repo_root, Outcomes};
-
-fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Message {
-    Message::new("demo".into(), routing_key.into(), properties, body.into())
-}
-
-async fn next(sub: &mut Box<dyn Subscription>) -> Incoming {
-    tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .expect("no message within 10s")
-        .expect("subscription ended")
-}
+use support::{broker_script, message, next, unique_dashed as unique, Outcomes};
 
 #[tokio::test]
 async fn publishes_arrive_as_topics_with_properties() {
@@ -378,19 +359,7 @@ async fn broker_restart_loses_no_confirmed_message(config: fn(&str) -> MqttBacke
         burst(50);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let script = repo_root().join("scripts/mosquitto.sh");
-    let restart = tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new("bash")
-            .arg(script)
-            .arg("restart")
-            .output()
-            .expect("run scripts/mosquitto.sh restart");
-        assert!(
-            out.status.success(),
-            "scripts/mosquitto.sh restart failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
+    let restart = tokio::task::spawn_blocking(|| broker_script("mosquitto", &["restart"]));
     while !restart.is_finished() {
         burst(20);
         tokio::time::sleep(Duration::from_millis(5)).await;

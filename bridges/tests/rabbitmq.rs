@@ -40,14 +40,7 @@ fn broker_lock(exclusive: bool) -> File {
 }
 
 async fn connect() -> Connection {
-    // Logs only with RUST_LOG set (e.g. RUST_LOG=warren_bridges=debug,lapin=info).
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
-        )
-        .with_test_writer()
-        .try_init();
+    support::init_logs();
     let url = url();
     match tokio::time::timeout(
         Duration::from_secs(20),
@@ -61,14 +54,6 @@ async fn connect() -> Connection {
         ),
         Err(_) => panic!("RabbitMQ at {url} did not answer within 20s"),
     }
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("warren.test.{prefix}.{}.{nanos}", std::process::id())
 }
 
 fn config(max_in_flight: usize, retry: RetryConfig) -> RabbitmqBackend {
@@ -158,22 +143,7 @@ async fn drain(ch: &lapin::Channel, queue: &str) -> Vec<lapin::message::BasicGet
 
 // --- guards that record what happened ---------------------------------------------------------
 
-use support::{repo_root, Outcomes};
-
-async fn wait_health(bridge: &RabbitmqBridge, want: Health, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let health = bridge.health();
-        if health == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "health is {health:?}, expected {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use support::{broker_script, next, unique, wait_health, Outcomes};
 
 fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Message {
     Message::new(
@@ -461,7 +431,7 @@ async fn thousands_of_publishes_are_pipelined_and_all_confirmed() {
     exchange_and_queue(&ch, &exchange, &queue, "k", false).await;
 
     let bridge = RabbitmqBridge::start("upstream", &config(1_000, RetryConfig::default())).unwrap();
-    wait_health(&bridge, Health::Ready, Duration::from_secs(20)).await;
+    wait_health(&*bridge, Health::Ready, Duration::from_secs(20)).await;
     let outcomes = Arc::new(Outcomes::default());
     let started = Instant::now();
     for i in 0..N {
@@ -634,7 +604,7 @@ async fn an_upstream_restart_loses_no_confirmed_message() {
     }
 
     let bridge = RabbitmqBridge::start("upstream", &config(500, retry(0, 100, 1_000))).unwrap();
-    wait_health(&bridge, Health::Ready, Duration::from_secs(20)).await;
+    wait_health(&*bridge, Health::Ready, Duration::from_secs(20)).await;
 
     // A subscription that must survive the restart.
     let mut sub = bridge.subscribe(&resume, 10).await.unwrap();
@@ -670,20 +640,7 @@ async fn an_upstream_restart_loses_no_confirmed_message() {
     }
     // 2. Restart the node and keep publishing hard until the bridge sees it go: publishes are
     //    in flight, unconfirmed, when the connection drops.
-    let root = repo_root();
-    let restart = tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new("bash")
-            .arg(root.join("scripts/rabbitmq.sh"))
-            .arg("restart")
-            .output()
-            .expect("run scripts/rabbitmq.sh restart");
-        assert!(
-            out.status.success(),
-            "scripts/rabbitmq.sh restart failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
+    let restart = tokio::task::spawn_blocking(|| broker_script("rabbitmq", &["restart"]));
     let deadline = Instant::now() + Duration::from_secs(60);
     while bridge.health() == Health::Ready {
         assert!(
@@ -713,7 +670,7 @@ async fn an_upstream_restart_loses_no_confirmed_message() {
     eprintln!("upstream restart: {at_stop} published before the bridge saw the node stop, {} while it was down, {n} in all", at_ready - at_stop);
     restart.await.unwrap();
     outcomes.wait_done(n, Duration::from_secs(120)).await;
-    wait_health(&bridge, Health::Ready, Duration::from_secs(30)).await;
+    wait_health(&*bridge, Health::Ready, Duration::from_secs(30)).await;
 
     // The subscription resumed on its own.
     bridge.publish(
@@ -811,13 +768,6 @@ async fn consume_everything(ch: &lapin::Channel, queue: &str) -> Vec<lapin::mess
         all.push(delivery);
     }
     all
-}
-
-async fn next(sub: &mut Box<dyn warren_backends::Subscription>) -> warren_backends::Incoming {
-    tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .expect("a delivery within 10s")
-        .expect("the subscription is open")
 }
 
 fn persistent() -> BasicProperties {

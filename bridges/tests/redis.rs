@@ -23,12 +23,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use redis::aio::MultiplexedConnection;
 use redis::streams::StreamRangeReply;
-use warren_backends::{Backend, Health, Incoming, Message, Settlement, Subscription};
+use warren_backends::{Backend, Health, Settlement};
 use warren_bridges::redis::RedisBridge;
 use warren_config::file::{RedisBackend, RetryConfig};
 
@@ -41,13 +40,7 @@ fn server_lock(exclusive: bool) -> File {
 }
 
 async fn client() -> MultiplexedConnection {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
-        )
-        .with_test_writer()
-        .try_init();
+    support::init_logs();
     let url = url();
     let client = redis::Client::open(url.as_str()).unwrap();
     match client.get_multiplexed_async_connection().await {
@@ -56,14 +49,6 @@ async fn client() -> MultiplexedConnection {
             panic!("Redis at {url} is unreachable: {e} (is `scripts/redis.sh start` running?)")
         }
     }
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("warren.test.{prefix}.{}.{nanos}", std::process::id())
 }
 
 fn config() -> RedisBackend {
@@ -85,11 +70,7 @@ fn config() -> RedisBackend {
     }
 }
 
-use support::{repo_root, Outcomes};
-
-fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Message {
-    Message::new("demo".into(), routing_key.into(), properties, body.into())
-}
+use support::{broker_script, message, missing_bodies, next, unique, wait_until, Outcomes};
 
 fn full_properties() -> BasicProperties {
     let mut headers = FieldTable::default();
@@ -97,20 +78,7 @@ fn full_properties() -> BasicProperties {
         "tenant".into(),
         AMQPValue::LongString(LongString::from("acme")),
     );
-    BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_content_encoding("utf-8".into())
-        .with_headers(headers)
-        .with_delivery_mode(2)
-        .with_priority(3)
-        .with_correlation_id("corr-1".into())
-        .with_reply_to("replies".into())
-        .with_expiration("60000".into())
-        .with_message_id("m-1".into())
-        .with_timestamp(1_700_000_000)
-        .with_type("order.created".into())
-        .with_user_id("guest".into())
-        .with_app_id("tests".into())
+    support::full_properties(headers)
 }
 
 async fn range(conn: &mut MultiplexedConnection, stream: &str) -> StreamRangeReply {
@@ -128,13 +96,6 @@ fn field(map: &HashMap<String, redis::Value>, name: &str) -> Option<Vec<u8>> {
         redis::Value::BulkString(b) => Some(b.clone()),
         other => panic!("field {name}: {other:?}"),
     }
-}
-
-async fn next(sub: &mut Box<dyn Subscription>) -> Incoming {
-    tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .expect("no message within 10s")
-        .expect("subscription ended")
 }
 
 async fn pending(conn: &mut MultiplexedConnection, stream: &str, group: &str) -> usize {
@@ -209,11 +170,12 @@ async fn publishes_become_entries_and_entries_come_back_as_messages() {
     for m in [first, second, third] {
         m.settle.settle(Settlement::Ack);
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pending(&mut conn, &stream, "warren").await != 0 {
-        assert!(Instant::now() < deadline, "acks never reached Redis");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "acks never reached Redis",
+        Duration::from_secs(5),
+        async || pending(&mut conn, &stream, "warren").await == 0,
+    )
+    .await;
     assert_eq!(bridge.health(), Health::Ready);
     bridge.close().await;
     let _: () = redis::cmd("DEL")
@@ -367,11 +329,12 @@ async fn pending_entries_are_delivered_again_after_a_restart_and_reclaimed_from_
     assert_eq!(b.message.body(), b"m1");
     // The ack is sent in the background; a close before it lands would leave m0 pending
     // (delivered again later: at least once).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pending(&mut conn, &stream, "warren").await != 1 {
-        assert!(Instant::now() < deadline, "ack never reached Redis");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "ack never reached Redis",
+        Duration::from_secs(5),
+        async || pending(&mut conn, &stream, "warren").await == 1,
+    )
+    .await;
     second.close().await;
     std::mem::forget(b);
     drop(sub);
@@ -387,11 +350,12 @@ async fn pending_entries_are_delivered_again_after_a_restart_and_reclaimed_from_
     assert!(b.redelivered);
     assert_eq!(b.message.body(), b"m1");
     b.settle.settle(Settlement::Ack);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pending(&mut conn, &stream, "warren").await != 0 {
-        assert!(Instant::now() < deadline, "ack never reached Redis");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "ack never reached Redis",
+        Duration::from_secs(5),
+        async || pending(&mut conn, &stream, "warren").await == 0,
+    )
+    .await;
     third.close().await;
     let _: () = redis::cmd("DEL")
         .arg(&stream)
@@ -424,20 +388,7 @@ async fn a_redis_restart_loses_no_confirmed_message() {
         burst(100);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let root = repo_root();
-    let restart = tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new("bash")
-            .arg(root.join("scripts/redis.sh"))
-            .arg("restart")
-            .output()
-            .expect("run scripts/redis.sh restart");
-        assert!(
-            out.status.success(),
-            "scripts/redis.sh restart failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
+    let restart = tokio::task::spawn_blocking(|| broker_script("redis", &["restart"]));
     while !restart.is_finished() {
         burst(50);
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -447,11 +398,7 @@ async fn a_redis_restart_loses_no_confirmed_message() {
         burst(50);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    outcomes.wait_done(sent, Duration::from_secs(30)).await;
-    let failed = outcomes.failed.lock().unwrap().clone();
-    assert!(failed.is_empty(), "failed: {failed:?}");
-    let confirmed = outcomes.confirmed.lock().unwrap().clone();
-    assert_eq!(confirmed.len(), sent);
+    let confirmed = outcomes.all_confirmed(sent, Duration::from_secs(30)).await;
 
     let mut conn2 = client().await;
     drop(conn);
@@ -460,11 +407,7 @@ async fn a_redis_restart_loses_no_confirmed_message() {
         .iter()
         .map(|e| String::from_utf8(field(&e.map, "body").unwrap()).unwrap())
         .collect();
-    let missing: Vec<usize> = confirmed
-        .iter()
-        .copied()
-        .filter(|i| !bodies.contains(&i.to_string()))
-        .collect();
+    let missing = missing_bodies(&confirmed, &bodies);
     assert!(missing.is_empty(), "confirmed but missing: {missing:?}");
     let stats = bridge.stats();
     assert!(
@@ -524,14 +467,12 @@ async fn rediss_with_a_ca_file_publishes_and_consumes_and_checks_the_certificate
         assert_eq!(m.message.properties(), full_properties());
         m.settle.settle(Settlement::Ack);
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pending(&mut conn, &stream, "warren").await != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "acks never reached Redis over TLS"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "acks never reached Redis over TLS",
+        Duration::from_secs(5),
+        async || pending(&mut conn, &stream, "warren").await == 0,
+    )
+    .await;
     assert_eq!(bridge.health(), Health::Ready);
     bridge.close().await;
 

@@ -25,14 +25,13 @@ use std::time::{Duration, Instant};
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName};
 use aws_sdk_sqs::Client;
-use bytes::Bytes;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
-use warren_backends::{Backend, Health, Incoming, Message, Settlement, Subscription};
+use warren_backends::{Backend, Health, Incoming, Settlement};
 use warren_bridges::sqs::SqsBridge;
 use warren_config::file::{RetryConfig, SqsBackend};
 
-use support::{repo_root, Outcomes};
+use support::{broker_script, message, missing_bodies, next, unique_dashed as unique, Outcomes};
 
 fn url() -> String {
     support::env_url(
@@ -48,13 +47,7 @@ fn server_lock(exclusive: bool) -> File {
 
 /// A plain SQS client for setting up queues and looking at what the bridge did.
 async fn client() -> Client {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
-        )
-        .with_test_writer()
-        .try_init();
+    support::init_logs();
     let url = url();
     let config = aws_sdk_sqs::config::Builder::new()
         .behavior_version(BehaviorVersion::latest())
@@ -70,14 +63,6 @@ async fn client() -> Client {
         );
     }
     client
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("warren-test-{prefix}-{}-{nanos}", std::process::id())
 }
 
 fn config() -> SqsBackend {
@@ -191,10 +176,6 @@ async fn drain(c: &Client, url: &str) -> Vec<aws_sdk_sqs::types::Message> {
     all
 }
 
-fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Message {
-    Message::new("demo".into(), routing_key.into(), properties, body.into())
-}
-
 fn full_properties() -> BasicProperties {
     let mut nested = FieldTable::default();
     nested.insert("inner".into(), AMQPValue::LongLongInt(-3));
@@ -205,27 +186,7 @@ fn full_properties() -> BasicProperties {
     );
     headers.insert("attempt".into(), AMQPValue::LongInt(2));
     headers.insert("nested".into(), AMQPValue::FieldTable(nested));
-    BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_content_encoding("utf-8".into())
-        .with_headers(headers)
-        .with_delivery_mode(2)
-        .with_priority(3)
-        .with_correlation_id("corr-1".into())
-        .with_reply_to("replies".into())
-        .with_expiration("60000".into())
-        .with_message_id("m-1".into())
-        .with_timestamp(1_700_000_000)
-        .with_type("order.created".into())
-        .with_user_id("guest".into())
-        .with_app_id("tests".into())
-}
-
-async fn next(sub: &mut Box<dyn Subscription>) -> Incoming {
-    tokio::time::timeout(Duration::from_secs(30), sub.next())
-        .await
-        .expect("no message within 30s")
-        .expect("subscription ended")
+    support::full_properties(headers)
 }
 
 fn body_text(m: &Incoming) -> String {
@@ -699,17 +660,7 @@ async fn unacknowledged_messages_come_back_after_a_consumer_restart() {
 }
 
 fn moto_script(arg: &str) {
-    let out = std::process::Command::new("bash")
-        .arg(repo_root().join("scripts/moto.sh"))
-        .arg(arg)
-        .output()
-        .expect("run scripts/moto.sh");
-    assert!(
-        out.status.success(),
-        "scripts/moto.sh {arg} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    broker_script("moto", &[arg]);
 }
 
 /// moto keeps its state in memory; `scripts/moto.sh record` + `kill-restart` make it durable
@@ -755,11 +706,7 @@ async fn a_killed_and_restarted_server_loses_no_confirmed_message() {
         burst(&mut sent, 10);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    outcomes.wait_done(sent, Duration::from_secs(120)).await;
-    let failed = outcomes.failed.lock().unwrap().clone();
-    assert!(failed.is_empty(), "failed: {failed:?}");
-    let confirmed = outcomes.confirmed.lock().unwrap().clone();
-    assert_eq!(confirmed.len(), sent);
+    let confirmed = outcomes.all_confirmed(sent, Duration::from_secs(120)).await;
 
     let c = client().await;
     let all = drain(&c, &url).await;
@@ -767,11 +714,7 @@ async fn a_killed_and_restarted_server_loses_no_confirmed_message() {
         .iter()
         .filter_map(|m| m.body().map(str::to_string))
         .collect();
-    let missing: Vec<usize> = confirmed
-        .iter()
-        .copied()
-        .filter(|i| !bodies.contains(&i.to_string()))
-        .collect();
+    let missing = missing_bodies(&confirmed, &bodies);
     assert!(missing.is_empty(), "confirmed but missing: {missing:?}");
     let stats = bridge.stats();
     assert!(

@@ -1,11 +1,17 @@
-//! Shared by the bridge tests: guards that record what became of each publish.
+//! Shared by the bridge tests: guards that record what became of each publish, the messages
+//! the tests publish, and waiting for what a bridge does in the background.
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
 use warren_backends::store::Completion;
+use warren_backends::{Backend, Health, Incoming, Message, Subscription};
 
 #[derive(Default)]
 pub struct Outcomes {
@@ -52,14 +58,143 @@ impl Outcomes {
     pub async fn wait_done(&self, n: usize, within: Duration) {
         let deadline = Instant::now() + within;
         while self.done.load(Ordering::SeqCst) < n {
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {n} publishes completed within {within:?} ({} failed)",
-                self.done.load(Ordering::SeqCst),
-                self.failed.lock().unwrap().len()
-            );
+            if Instant::now() >= deadline {
+                // Counted before panicking: a panic while `failed` is locked would poison it
+                // for the rest of the test.
+                let failed = self.failed.lock().unwrap().len();
+                panic!(
+                    "only {} of {n} publishes completed within {within:?} ({failed} failed)",
+                    self.done.load(Ordering::SeqCst),
+                );
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+impl Outcomes {
+    /// Waits for `sent` publishes (ids `0..sent`) and asserts each was confirmed; returns their
+    /// ids in completion order.
+    pub async fn all_confirmed(&self, sent: usize, within: Duration) -> Vec<usize> {
+        self.wait_done(sent, within).await;
+        let failed = self.failed.lock().unwrap().clone();
+        assert!(failed.is_empty(), "failed: {failed:?}");
+        let confirmed = self.confirmed.lock().unwrap().clone();
+        assert_eq!(confirmed.len(), sent);
+        confirmed
+    }
+}
+
+/// The ids in `confirmed` whose message (its body is the id in decimal) is not in `bodies`.
+pub fn missing_bodies(confirmed: &[usize], bodies: &HashSet<String>) -> Vec<usize> {
+    confirmed
+        .iter()
+        .copied()
+        .filter(|i| !bodies.contains(&i.to_string()))
+        .collect()
+}
+
+/// Runs `scripts/<script>.sh <args>` (a test broker's start, restart, ...), failing the test
+/// with the script's output when it fails.
+pub fn broker_script(script: &str, args: &[&str]) {
+    let path = repo_root().join("scripts").join(format!("{script}.sh"));
+    let out = std::process::Command::new("bash")
+        .arg(&path)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", path.display()));
+    assert!(
+        out.status.success(),
+        "scripts/{script}.sh {} failed (is `scripts/{script}.sh start` running?):\n{}\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Logs to the test's output, only with RUST_LOG set (e.g. RUST_LOG=warren_bridges=debug).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A name no other test (or earlier run) uses: `warren.test.<prefix>.<pid>.<nanos>`.
+pub fn unique(prefix: &str) -> String {
+    unique_joined(prefix, '.')
+}
+
+/// [`unique`] with dashes, for names that cannot hold dots (SQS queues).
+pub fn unique_dashed(prefix: &str) -> String {
+    unique_joined(prefix, '-')
+}
+
+fn unique_joined(prefix: &str, sep: char) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let pid = std::process::id();
+    format!("warren{sep}test{sep}{prefix}{sep}{pid}{sep}{nanos}")
+}
+
+/// A message as the gateway hands it to a bridge, published to exchange `demo`.
+pub fn message(routing_key: &str, properties: BasicProperties, body: impl Into<Bytes>) -> Message {
+    Message::new("demo".into(), routing_key.into(), properties, body.into())
+}
+
+/// Every AMQP basic property set, with `headers`.
+pub fn full_properties(headers: FieldTable) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_headers(headers)
+        .with_delivery_mode(2)
+        .with_priority(3)
+        .with_correlation_id("corr-1".into())
+        .with_reply_to("replies".into())
+        .with_expiration("60000".into())
+        .with_message_id("m-1".into())
+        .with_timestamp(1_700_000_000)
+        .with_type("order.created".into())
+        .with_user_id("guest".into())
+        .with_app_id("tests".into())
+}
+
+/// The subscription's next message, failing the test after 30 s or if it ended.
+pub async fn next(sub: &mut Box<dyn Subscription>) -> Incoming {
+    tokio::time::timeout(Duration::from_secs(30), sub.next())
+        .await
+        .expect("no message within 30s")
+        .expect("subscription ended")
+}
+
+/// Polls `done` every 20 ms until it holds, failing the test with `what` after `within`.
+pub async fn wait_until(what: &str, within: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what} (waited {within:?})");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the bridge reports `want`.
+pub async fn wait_health(bridge: &dyn Backend, want: Health, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let health = bridge.health();
+        if health == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health is {health:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
