@@ -2044,6 +2044,7 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
         assert_eq!(b.connection_string.as_deref(), Some(cs));
         assert_eq!(b.effective_target(), Amqp10Target::Servicebus);
         assert_eq!(b.effective_max_message_size(), Some(262_144));
+        assert_eq!(b.idle_timeout_ms, 60_000);
         assert_eq!(cfg.routes[0].destination, "demo");
         assert_eq!(cfg.queues[0].source, "demo-in");
         cfg.settings().unwrap();
