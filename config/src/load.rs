@@ -1211,6 +1211,21 @@ mod tests {
     }
 
     /// The one-line error for `text`, which must fail.
+    /// Each case's keys, in a backend `b` of `kind` (e.g. `type: redis`), fail to load
+    /// with an error that contains the expected text, names its line, and repeats no secret.
+    fn assert_backend_errors(kind: &str, cases: &[(&str, &str)]) {
+        for (keys, expected) in cases {
+            let text = format!("backends:\n  b: {{{kind}, {keys}}}\n");
+            let err = error(&text, &[]);
+            assert!(err.contains(expected), "{keys}: {err}");
+            assert!(
+                err.starts_with("warren.yaml:"),
+                "{keys}: no position in {err}"
+            );
+            assert!(!err.contains("secret"), "{keys}: {err}");
+        }
+    }
+
     fn error(text: &str, vars: &[(&str, &str)]) -> String {
         match parse_env(text, vars) {
             Ok(cfg) => panic!("parsed: {cfg:?}"),
@@ -1761,35 +1776,29 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
         assert_eq!(cfg.queues[0].source, "demo-in");
         cfg.settings().unwrap();
 
-        let bad = "backends:\n  m: {type: mqtt, url: \"tcp://h\", client_id: w}\n";
-        assert!(
-            error(bad, &[]).contains("expected `mqtt://` or `mqtts://`"),
-            "{}",
-            error(bad, &[])
-        );
-        let bad =
-            "backends:\n  m: {type: mqtt, url: \"mqtt://h\", client_id: w, protocol: \"4\"}\n";
-        assert!(error(bad, &[]).contains("protocol"), "{}", error(bad, &[]));
-        let bad = "backends:\n  m: {type: mqtt, url: \"mqtt://h\"}\n";
-        assert!(
-            error(bad, &[]).contains("missing field `client_id`"),
-            "{}",
-            error(bad, &[])
-        );
         let good = "backends:\n  m: {type: mqtt, url: \"mqtts://h\", client_id: w, protocol: \"3.1.1\", envelope: true, ca_file: ca.pem}\n";
         parse_with_env(good, "t.yaml", |_| None).unwrap();
-        let bad = "backends:\n  m: {type: mqtt, url: \"mqtt://h\", client_id: w, envelope: true}\n";
-        assert!(
-            error(bad, &[]).contains("envelope: only with protocol \"3.1.1\""),
-            "{}",
-            error(bad, &[])
-        );
-        let bad =
-            "backends:\n  m: {type: mqtt, url: \"mqtt://h\", client_id: w, ca_file: ca.pem}\n";
-        assert!(
-            error(bad, &[]).contains("ca_file: only with a `mqtts://` URL"),
-            "{}",
-            error(bad, &[])
+        assert_backend_errors(
+            "type: mqtt",
+            &[
+                (
+                    "url: \"tcp://h\", client_id: w",
+                    "expected `mqtt://` or `mqtts://`",
+                ),
+                (
+                    "url: \"mqtt://h\", client_id: w, protocol: \"4\"",
+                    "protocol",
+                ),
+                ("url: \"mqtt://h\"", "missing field `client_id`"),
+                (
+                    "url: \"mqtt://h\", client_id: w, envelope: true",
+                    "envelope: only with protocol \"3.1.1\"",
+                ),
+                (
+                    "url: \"mqtt://h\", client_id: w, ca_file: ca.pem",
+                    "ca_file: only with a `mqtts://` URL",
+                ),
+            ],
         );
     }
 
@@ -1820,25 +1829,21 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
         assert_eq!(cfg.queues[0].source, "demo-in");
         cfg.settings().unwrap();
 
-        let bad = "backends:\n  s: {type: redis, url: \"http://h\"}\n";
-        assert!(
-            error(bad, &[]).contains("expected `redis://` or `rediss://`"),
-            "{}",
-            error(bad, &[])
-        );
         let good = "backends:\n  s: {type: redis, url: \"rediss://h:6380\", ca_file: ca.pem}\n";
         parse_with_env(good, "t.yaml", |_| None).unwrap();
-        let bad = "backends:\n  s: {type: redis, url: \"redis://h\", ca_file: ca.pem}\n";
-        assert!(
-            error(bad, &[]).contains("ca_file: only with a `rediss://` URL"),
-            "{}",
-            error(bad, &[])
-        );
-        let bad = "backends:\n  s: {type: redis, url: \"redis://h\", max_deliveries: 0}\n";
-        assert!(
-            error(bad, &[]).contains("max_deliveries: must be at least 1"),
-            "{}",
-            error(bad, &[])
+        assert_backend_errors(
+            "type: redis",
+            &[
+                ("url: \"http://h\"", "expected `redis://` or `rediss://`"),
+                (
+                    "url: \"redis://h\", ca_file: ca.pem",
+                    "ca_file: only with a `rediss://` URL",
+                ),
+                (
+                    "url: \"redis://h\", max_deliveries: 0",
+                    "max_deliveries: must be at least 1",
+                ),
+            ],
         );
     }
 
@@ -2058,51 +2063,32 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
 
     #[test]
     fn amqp10_validation() {
-        let both =
-            "backends:\n  b:\n    type: amqp10\n    url: amqp://h\n    connection_string: x\n";
-        assert!(
-            error(both, &[]).contains("not both"),
-            "{}",
-            error(both, &[])
-        );
+        for ok in [
+            "url: \"amqps://u:p@h:5671\", target: rabbitmq, max_message_size: 1000",
+            "url: \"amqps://h\", ca_file: ca.pem, client_cert_file: c.pem, client_key_file: k.pem, session_id_header: x-session-id, receive_session: \"*\"",
+        ] {
+            parse_env(&format!("backends:\n  b: {{type: amqp10, {ok}}}\n"), &[]).unwrap();
+        }
         let none = "backends:\n  b:\n    type: amqp10\n";
         assert!(
-            error(none, &[]).contains("needs `url`"),
+            error(none, &[]).contains("backends.b: needs `url`"),
             "{}",
             error(none, &[])
         );
-        let scheme = "backends:\n  b: {type: amqp10, url: \"http://h\"}\n";
-        assert!(
-            error(scheme, &[]).contains("expected `amqp://`"),
-            "{}",
-            error(scheme, &[])
+        assert_backend_errors(
+            "type: amqp10",
+            &[
+                ("url: amqp://h, connection_string: x", "backends.b.connection_string: give either `url` or `connection_string`, not both"),
+                ("url: \"http://h\"", "backends.b.url: the scheme is `http`; expected `amqp://`"),
+                // The key is never repeated (`assert_backend_errors` checks "secret").
+                ("connection_string: \"Endpoint=sb://x/;SharedAccessKey=secret\"", "backends.b.connection_string: missing `SharedAccessKeyName=...`"),
+                ("url: \"amqp://h\", target: kafka", "unknown variant `kafka`"),
+                ("url: \"amqps://h\", client_cert_file: c.pem", "backends.b.client_cert_file: needs `client_key_file` too"),
+                ("url: \"amqp://h\", client_cert_file: c.pem, client_key_file: k.pem", "needs an `amqps://` url"),
+                ("url: \"amqps://u:p@h\", client_cert_file: c.pem, client_key_file: k.pem", "not both"),
+                ("url: \"amqp://h\", token_lifetime_secs: 0", "backends.b.token_lifetime_secs: must be at least 1"),
+            ],
         );
-        let cs = "backends:\n  b: {type: amqp10, connection_string: \"Endpoint=sb://x/;SharedAccessKey=secret\"}\n";
-        let e = error(cs, &[]);
-        assert!(
-            e.contains("backends.b.connection_string") && e.contains("SharedAccessKeyName"),
-            "{e}"
-        );
-        assert!(!e.contains("secret"), "{e}");
-        let flavour = "backends:\n  b: {type: amqp10, url: \"amqp://h\", target: kafka}\n";
-        assert!(error(flavour, &[]).contains("unknown variant `kafka`"));
-        let ok = "backends:\n  b: {type: amqp10, url: \"amqps://u:p@h:5671\", target: rabbitmq, max_message_size: 1000}\n";
-        parse_env(ok, &[]).unwrap();
-        let half = "backends:\n  b: {type: amqp10, url: \"amqps://h\", client_cert_file: c.pem}\n";
-        let e = error(half, &[]);
-        assert!(
-            e.contains("backends.b.client_cert_file") && e.contains("client_key_file"),
-            "{e}"
-        );
-        let plain = "backends:\n  b: {type: amqp10, url: \"amqp://h\", client_cert_file: c.pem, client_key_file: k.pem}\n";
-        assert!(error(plain, &[]).contains("needs an `amqps://` url"));
-        let both_logins = "backends:\n  b: {type: amqp10, url: \"amqps://u:p@h\", client_cert_file: c.pem, client_key_file: k.pem}\n";
-        assert!(error(both_logins, &[]).contains("not both"));
-        let lifetime =
-            "backends:\n  b: {type: amqp10, url: \"amqp://h\", token_lifetime_secs: 0}\n";
-        assert!(error(lifetime, &[]).contains("backends.b.token_lifetime_secs"));
-        let tls = "backends:\n  b: {type: amqp10, url: \"amqps://h\", ca_file: ca.pem, client_cert_file: c.pem, client_key_file: k.pem, session_id_header: x-session-id, receive_session: \"*\"}\n";
-        parse_env(tls, &[]).unwrap();
     }
 
     #[test]
@@ -2174,11 +2160,12 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
                 "unknown field `session_idle_timeout`",
             ),
         ];
-        for (keys, expected) in cases {
-            let text = format!("backends:\n  b: {{type: amqp10, url: \"amqp://h\"{keys}}}\n");
-            let e = error(&text, &[]);
-            assert!(e.contains(expected), "{keys}: {e}");
-        }
+        let cases: Vec<(String, &str)> = cases
+            .iter()
+            .map(|(keys, expected)| (format!("url: \"amqp://h\"{keys}"), *expected))
+            .collect();
+        let cases: Vec<(&str, &str)> = cases.iter().map(|(k, e)| (k.as_str(), *e)).collect();
+        assert_backend_errors("type: amqp10", &cases);
         let e = error(
             "backends:\n  b: {type: amqp10, url: \"amqp://h\", idle_timeout: 1000}\n",
             &[],
