@@ -1210,7 +1210,16 @@ mod tests {
         parse_with_env(text, "warren.yaml", env(vars))
     }
 
-    /// The one-line error for `text`, which must fail.
+    /// The deploy examples' shape: exchange `demo` routed to `demo`, queue `demo-in` from
+    /// `demo-in`, and valid settings.
+    fn assert_demo_routes(cfg: &ConfigFile) {
+        assert_eq!(cfg.routes[0].destination, "demo");
+        assert_eq!(cfg.routes[0].matcher.exchange, "demo");
+        assert_eq!(cfg.queues[0].name, "demo-in");
+        assert_eq!(cfg.queues[0].source, "demo-in");
+        cfg.settings().unwrap();
+    }
+
     /// Each case's keys, in a backend `b` of `kind` (e.g. `type: redis`), fail to load
     /// with an error that contains the expected text, names its line, and repeats no secret.
     fn assert_backend_errors(kind: &str, cases: &[(&str, &str)]) {
@@ -1226,6 +1235,7 @@ mod tests {
         }
     }
 
+    /// The one-line error for `text`, which must fail.
     fn error(text: &str, vars: &[(&str, &str)]) -> String {
         match parse_env(text, vars) {
             Ok(cfg) => panic!("parsed: {cfg:?}"),
@@ -1770,11 +1780,7 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
                 retry: RetryConfig::default(),
             })
         );
-        assert_eq!(cfg.routes[0].destination, "demo");
-        assert_eq!(cfg.routes[0].matcher.exchange, "demo");
-        assert_eq!(cfg.queues[0].name, "demo-in");
-        assert_eq!(cfg.queues[0].source, "demo-in");
-        cfg.settings().unwrap();
+        assert_demo_routes(&cfg);
 
         let good = "backends:\n  m: {type: mqtt, url: \"mqtts://h\", client_id: w, protocol: \"3.1.1\", envelope: true, ca_file: ca.pem}\n";
         parse_with_env(good, "t.yaml", |_| None).unwrap();
@@ -1823,11 +1829,7 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
                 retry: RetryConfig::default(),
             })
         );
-        assert_eq!(cfg.routes[0].destination, "demo");
-        assert_eq!(cfg.routes[0].matcher.exchange, "demo");
-        assert_eq!(cfg.queues[0].name, "demo-in");
-        assert_eq!(cfg.queues[0].source, "demo-in");
-        cfg.settings().unwrap();
+        assert_demo_routes(&cfg);
 
         let good = "backends:\n  s: {type: redis, url: \"rediss://h:6380\", ca_file: ca.pem}\n";
         parse_with_env(good, "t.yaml", |_| None).unwrap();
