@@ -27,7 +27,7 @@ use warren_config::file::{Amqp10Backend, Amqp10Target, RetryConfig};
 use warren_config::servicebus::ConnectionString;
 
 use super::management::{lock_token, MgmtError, MgmtLink};
-use super::{mapping, sas, Command, Pending};
+use super::{credit_to_grant, mapping, sas, Command, Pending};
 
 /// How long connecting, attaching a link or putting a token may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -1224,12 +1224,15 @@ async fn subscription_task(
             continue;
         }
         failures = 0;
+        // Credit granted and not yet used by a delivery (see `credit_to_grant`).
+        let mut credit_left = prefetch as u32;
         // `Some(reason)`: the link failed; `None`: the session went idle and is let go.
         let lost: Option<String> = loop {
             tokio::select! {
                 delivery = link.receiver.recv::<Body<Value>>() => match delivery {
                     Ok(delivery) => {
                         unsettled += 1;
+                        credit_left = credit_left.saturating_sub(1);
                         last_activity = Instant::now();
                         if session.is_none() && session_idle.is_some() {
                             // The peer named no session in the attach: Service Bus stamps
@@ -1280,9 +1283,11 @@ async fn subscription_task(
                         }
                     }
                     if let Some(e) = failed { break Some(e); }
-                    let credit = (prefetch as u32).saturating_sub(unsettled);
-                    if let Err(e) = link.receiver.set_credit(credit).await {
-                        break Some(format!("cannot grant credit: {e}"));
+                    if let Some(credit) = credit_to_grant(target, prefetch, unsettled, credit_left) {
+                        if let Err(e) = link.receiver.set_credit(credit).await {
+                            break Some(format!("cannot grant credit: {e}"));
+                        }
+                        credit_left = credit;
                     }
                 }
                 // Only with nothing unsettled: a session's messages are settled on the link
@@ -1327,6 +1332,9 @@ async fn subscription_task(
             continue;
         };
         tracing::warn!(backend = %name, %source, %reason, "amqp10: subscription link lost; re-attaching");
+        // Detach it if the session still stands: the peer then returns the link's unsettled
+        // deliveries to the queue instead of holding them for a link nobody reads.
+        let _ = timeout(Duration::from_secs(5), link.receiver.close()).await;
         failures += 1;
         sleep(backoff(&retry, failures)).await;
     }

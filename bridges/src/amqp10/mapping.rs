@@ -20,6 +20,7 @@
 //! | header `x-opt-*`            | message-annotation of the same name (Service Bus: `x-opt-scheduled-enqueue-time`, `x-opt-partition-key`...) |
 //! | header, simple value        | application-property of the same name, typed as below       |
 //! | header, table/array/decimal | message-annotation `x-amqp091-header:<name>` (AMQP 1.0 allows only simple values in application-properties) |
+//! | `redelivered` (received)    | `header.delivery-count` > 0; target `rabbitmq`: or `header.first-acquirer` false |
 //!
 //! Header value types: bool → boolean, i8 → byte, u8 → ubyte, i16 → short, u16 → ushort,
 //! i32 → int, u32 → uint, i64 → long, f32 → float, f64 → double, timestamp (s) → timestamp (ms),
@@ -42,6 +43,7 @@ use fe2o3_amqp_types::messaging::{
 use fe2o3_amqp_types::primitives::{Binary, OrderedMap, SimpleValue, Symbol, Timestamp};
 use serde_amqp::Value;
 use warren_backends::Message;
+use warren_config::file::Amqp10Target;
 
 pub(crate) const TYPE: &str = "x-amqp091-type";
 pub(crate) const APP_ID: &str = "x-amqp091-app-id";
@@ -225,6 +227,17 @@ pub fn from_amqp10(m: &AmqpMessage<Body<Value>>, fallback_key: &str) -> Message 
         props,
         body_bytes(&m.body),
     )
+}
+
+/// Whether the peer says it delivered this message before (0-9-1's `redelivered`):
+/// `header.delivery-count` above zero, or, from RabbitMQ, `header.first-acquirer` false.
+/// RabbitMQ 3.x's plugin never counts deliveries but sets `first-acquirer` on every one (true
+/// unless the 0-9-1 queue redelivers it); other peers may leave `first-acquirer` at its default,
+/// false, on a first delivery, so only RabbitMQ's is believed.
+pub fn redelivered(header: Option<&Header>, target: Amqp10Target) -> bool {
+    header.is_some_and(|h| {
+        h.delivery_count > 0 || (target == Amqp10Target::Rabbitmq && !h.first_acquirer)
+    })
 }
 
 /// A header value as text, for fields that take a string (the session id → `group-id`):
@@ -522,6 +535,32 @@ mod tests {
         let ann = out.message_annotations.unwrap().0;
         assert!(ann.contains_key(&OwnedKey::Symbol(Symbol::from("x-opt-partition-key"))));
         assert!(ann.contains_key(&OwnedKey::Symbol(Symbol::from("x-amqp091-header:table"))));
+    }
+
+    #[test]
+    fn redelivered_from_the_delivery_count_and_from_rabbitmqs_first_acquirer() {
+        let first = Header {
+            first_acquirer: true,
+            ..Default::default()
+        };
+        let counted = Header {
+            delivery_count: 2,
+            ..Default::default()
+        };
+        // RabbitMQ 3.x on a requeued message: first-acquirer false, delivery-count left at 0.
+        let defaulted = Header::default();
+        for target in [
+            Amqp10Target::Generic,
+            Amqp10Target::Rabbitmq,
+            Amqp10Target::Servicebus,
+        ] {
+            assert!(!redelivered(None, target));
+            assert!(!redelivered(Some(&first), target));
+            assert!(redelivered(Some(&counted), target));
+        }
+        assert!(redelivered(Some(&defaulted), Amqp10Target::Rabbitmq));
+        assert!(!redelivered(Some(&defaulted), Amqp10Target::Generic));
+        assert!(!redelivered(Some(&defaulted), Amqp10Target::Servicebus));
     }
 
     #[test]

@@ -36,6 +36,11 @@
 //!
 //! RabbitMQ 3.10's plugin refuses `modified`, hence `released` there.
 //!
+//! `target: rabbitmq` also adapts the receiving side to that plugin: a delivery whose
+//! `first-acquirer` is false is `redelivered` (the plugin never counts deliveries), and a
+//! subscription's credit is topped up only once the last grant is used up (the plugin can
+//! overshoot credit granted while transfers are on their way; see [`credit_to_grant`]).
+//!
 //! # Service Bus
 //!
 //! With a `connection_string` the bridge connects with TLS to `NAMESPACE:5671` (or plain AMQP
@@ -260,10 +265,60 @@ impl Backend for Amqp10Bridge {
     }
 }
 
+/// The credit to grant a subscription's receiver link once deliveries were settled: enough for
+/// `prefetch` unsettled deliveries, or `None` to leave the credit as it is.
+///
+/// RabbitMQ 3.x's plugin turns a flow into credit for the 0-9-1 queue without counting the
+/// deliveries the queue already handed to the session but the session has not sent yet: credit
+/// granted while transfers are on their way lets it send more than the link allows (fe2o3 then
+/// fails the receive with "more message transfers than currently allowed" and the extra
+/// deliveries stay unsettled). So towards RabbitMQ, credit is only topped up once the last
+/// grant is used up (`credit_left` 0): nothing is on its way then. A delivery still unsettled
+/// when the credit ran out always brings a settlement later, so the top-up never goes missing.
+pub(crate) fn credit_to_grant(
+    target: Amqp10Target,
+    prefetch: u16,
+    unsettled: u32,
+    credit_left: u32,
+) -> Option<u32> {
+    let wanted = (prefetch as u32).saturating_sub(unsettled);
+    match target {
+        Amqp10Target::Rabbitmq => (credit_left == 0 && wanted > 0).then_some(wanted),
+        Amqp10Target::Generic | Amqp10Target::Servicebus => Some(wanted),
+    }
+}
+
 /// The message's size on the wire (its sections encoded).
 pub(crate) fn encoded_size(message: &AmqpMessage<Data>) -> usize {
     use fe2o3_amqp_types::messaging::message::__private::Serializable;
     serde_amqp::to_vec(&Serializable(message))
         .map(|v| v.len())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credit_tops_up_to_prefetch_and_towards_rabbitmq_only_once_used_up() {
+        // Generic peers and Service Bus count in-flight transfers: always top up.
+        assert_eq!(
+            credit_to_grant(Amqp10Target::Generic, 100, 30, 40),
+            Some(70)
+        );
+        assert_eq!(
+            credit_to_grant(Amqp10Target::Servicebus, 100, 100, 0),
+            Some(0)
+        );
+        // RabbitMQ: not while granted credit is left (transfers may be on their way)...
+        assert_eq!(credit_to_grant(Amqp10Target::Rabbitmq, 100, 30, 40), None);
+        // ...nor when prefetch deliveries are unsettled...
+        assert_eq!(credit_to_grant(Amqp10Target::Rabbitmq, 100, 100, 0), None);
+        // ...but once the credit is used up, back to prefetch.
+        assert_eq!(
+            credit_to_grant(Amqp10Target::Rabbitmq, 100, 30, 0),
+            Some(70)
+        );
+    }
 }
