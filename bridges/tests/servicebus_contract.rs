@@ -1748,16 +1748,19 @@ async fn a_named_session_is_kept_however_long_it_is_idle() {
 struct Proxy {
     port: u16,
     frozen: tokio::sync::watch::Sender<bool>,
-    sent: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>,
+    sent: Arc<Mutex<Vec<ClientBytes>>>,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// What one proxied connection's client sent.
+type ClientBytes = Arc<Mutex<Vec<u8>>>;
 
 impl Proxy {
     async fn start(upstream: u16) -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (frozen, frozen_rx) = tokio::sync::watch::channel(false);
-        let sent: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>> = Arc::default();
+        let sent: Arc<Mutex<Vec<ClientBytes>>> = Arc::default();
         let connections = sent.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -1815,7 +1818,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut frozen: tokio::sync::watch::Receiver<bool>,
-    record: Option<Arc<Mutex<Vec<u8>>>>,
+    record: Option<ClientBytes>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
