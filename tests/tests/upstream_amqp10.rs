@@ -82,6 +82,7 @@ async fn example_config_round_trips_through_amqp10_with_headers() {
     let cfg = warren_config::parse_with_env(&example, "amqp10.yaml", |name| match name {
         "WARREN_TARGET_URL" => Some(format!("amqp://{authority}")),
         "WARREN_TARGET_OUT" | "WARREN_TARGET_IN" => Some(address.clone()),
+        "WARREN_TARGET_KIND" => Some("rabbitmq".into()),
         _ => None,
     })
     .unwrap_or_else(|e| panic!("{e}"));
