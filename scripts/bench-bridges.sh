@@ -81,7 +81,7 @@ port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
     command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust first"
     log "building warren and warren-bench (release)"
-    cargo build --release -q -p warren-gateway --bin warren -p warren-bench
+    cargo build --release -q -p warren-gateway --bin warren -p warren-bench --bin warren-bench
 fi
 if [ ! -x "$WARREN" ] || [ ! -x "$BENCH" ]; then
     die "no release build of warren and warren-bench"
@@ -126,7 +126,8 @@ stop_warren() {
 bench() {
     local scenario=$1 side=$2 desc=$3 run=$4
     shift 4
-    local out
+    local out cpu_before=""
+    [ "$side" = warren ] && cpu_before=$(warren_cpu_ticks)
     if ! out=$("$BENCH" --json -q --tag "scenario=$scenario" --tag "broker=$side" \
         --tag "desc=$desc" --tag "run=$run" --warmup 1 --duration "$BENCH_SECONDS" \
         --size 16 --confirm 1000 --queue-prefix "bench-${scenario,,}" "$@" \
@@ -139,6 +140,21 @@ bench() {
     echo "$out" | grep -qE '"nacked":0[,}]' || die "$scenario $side run $run had nacks: $out"
     echo "$out" >>"$RESULTS"
     echo "$out" | grep -oE '"confirm_rate":[0-9.]+' | sed "s/^/    $side $scenario #$run: /" >&2
+    if [ -n "$cpu_before" ]; then
+        # Warren's CPU time (all threads, from /proc) per confirmed message. The CPU covers the
+        # warm-up second too, which the confirmed count does not: scaled to the measured part.
+        local ticks confirmed
+        ticks=$(($(warren_cpu_ticks) - cpu_before))
+        confirmed=$(echo "$out" | grep -oE '"confirmed":[0-9]+' | cut -d: -f2)
+        awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" -v n="$confirmed" -v s="$BENCH_SECONDS" \
+            'BEGIN { printf "    warren CPU: %.2f us per message\n", t / hz * 1e6 * s / (s + 1) / n }' >&2
+    fi
+}
+
+# Warren's user + system CPU time so far, in clock ticks.
+warren_cpu_ticks() {
+    # Fields 14 and 15 of /proc/PID/stat, counted after the command name's closing parenthesis.
+    sed 's/.*) //' "/proc/$WARREN_PID/stat" | awk '{ print $12 + $13 }'
 }
 
 # --- B2: AMQP 1.0 ----------------------------------------------------------------------------

@@ -30,7 +30,10 @@ pub struct ConfirmTracker {
 struct ConfirmState {
     /// Every sequence number up to here has been answered.
     answered: u64,
-    /// Settled numbers above `answered`: true for ack, false for nack.
+    /// Every sequence number up to here (and at least `answered`) has been settled with an
+    /// ack: the common in-order case costs no map entry.
+    acked_up_to: u64,
+    /// Settled numbers above `acked_up_to + 1` or nacked: true for ack, false for nack.
     settled: BTreeMap<u64, bool>,
 }
 
@@ -54,8 +57,20 @@ impl ConfirmTracker {
 
     fn settle(&self, seq: u64, ok: bool) {
         let next = {
-            let mut st = self.state.lock();
-            st.settled.insert(seq, ok);
+            let mut guard = self.state.lock();
+            let st = &mut *guard;
+            if ok && seq == st.acked_up_to + 1 {
+                st.acked_up_to = seq;
+                // Acks that arrived ahead of this one now extend the run.
+                while let Some(entry) = st.settled.first_entry() {
+                    if *entry.key() != st.acked_up_to + 1 || !*entry.get() {
+                        break;
+                    }
+                    st.acked_up_to = entry.remove_entry().0;
+                }
+            } else {
+                st.settled.insert(seq, ok);
+            }
             st.answered + 1 == seq
         };
         if next {
@@ -75,6 +90,10 @@ impl ConfirmTracker {
             let mut st = self.state.lock();
             let start = st.answered;
             let mut run_end: Option<u64> = None;
+            if st.acked_up_to > st.answered {
+                st.answered = st.acked_up_to;
+                run_end = Some(st.acked_up_to);
+            }
             while let Some((&seq, &ok)) = st.settled.first_key_value() {
                 if seq != st.answered + 1 {
                     break;
@@ -95,6 +114,7 @@ impl ConfirmTracker {
                 let multiple = frames.last().map_or(start, |f| f.0) + 1 < end;
                 frames.push((end, multiple, true));
             }
+            st.acked_up_to = st.answered;
         }
         if frames.is_empty() {
             return false;

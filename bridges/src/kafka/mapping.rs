@@ -25,6 +25,7 @@ use amq_protocol::protocol::basic::AMQPProperties;
 use amq_protocol::types::{AMQPValue, ByteArray, FieldTable, LongString, ShortString};
 use bytes::Bytes;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message as _, OwnedHeaders};
+use std::ops::Range;
 use warren_backends::Message;
 
 pub const ROUTING_KEY_HEADER: &str = "x-amqp-routing-key";
@@ -35,122 +36,222 @@ pub const OFFSET_HEADER: &str = "x-kafka-offset";
 const PROPERTY_PREFIX: &str = "x-amqp-";
 
 /// A message's key, headers and timestamp as the producer sends them (the value is the
-/// message's body), owned so that a resend rebuilds the record.
-#[derive(Debug, Clone)]
+/// message's body). The engine keeps one and refills it for every record it produces, so that
+/// mapping a message allocates nothing once the buffers have grown; a resend maps the message
+/// again.
+#[derive(Debug, Default)]
 pub struct Record {
-    pub key: Option<Vec<u8>>,
-    /// Header name and value (`None`: a null header value).
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// Header names, back to back.
+    names: String,
+    /// Header values (and the key, which is one of them), back to back.
+    values: Vec<u8>,
+    /// Each header's name in `names` and value in `values` (`None`: a null value).
+    headers: Vec<(Range<usize>, Option<Range<usize>>)>,
+    /// `x-amqp-header-types` being built.
+    types: Vec<u8>,
+    /// The key in `values`.
+    key: Option<Range<usize>>,
     /// Milliseconds since the epoch; `None`: librdkafka stamps the send time.
     pub timestamp_ms: Option<i64>,
 }
 
 impl Record {
+    /// The record `message` is produced as. `key_header` names the header whose value is
+    /// the key.
+    pub fn of(message: &Message, key_header: Option<&str>) -> Record {
+        let mut record = Record::default();
+        record.fill(message, key_header);
+        record
+    }
+
+    pub fn key(&self) -> Option<&[u8]> {
+        self.key.clone().map(|r| &self.values[r])
+    }
+
+    /// Header names and values in the order they are produced.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> + '_ {
+        self.headers.iter().map(|(name, value)| {
+            (
+                &self.names[name.clone()],
+                value.clone().map(|v| &self.values[v]),
+            )
+        })
+    }
+
     pub fn owned_headers(&self) -> OwnedHeaders {
         let mut h = OwnedHeaders::new_with_capacity(self.headers.len());
-        for (key, value) in &self.headers {
-            h = h.insert(Header {
-                key,
-                value: value.as_deref(),
-            });
+        for (key, value) in self.headers() {
+            h = h.insert(Header { key, value });
         }
         h
+    }
+
+    /// Maps `message` into this record, replacing what it held.
+    pub fn fill(&mut self, message: &Message, key_header: Option<&str>) {
+        self.names.clear();
+        self.values.clear();
+        self.headers.clear();
+        self.types.clear();
+        self.key = None;
+        let p = message.properties();
+        if let Some(table) = p.headers() {
+            for (name, value) in table.inner() {
+                let name = name.as_str();
+                let at = self.values.len();
+                let Some((present, kind)) = write_header_value(value, &mut self.values) else {
+                    tracing::debug!(
+                        header = name,
+                        "kafka bridge: nested header value dropped (tables and arrays are not mapped)"
+                    );
+                    continue;
+                };
+                let value = present.then(|| at..self.values.len());
+                if key_header == Some(name) {
+                    self.key = value.clone();
+                }
+                if let Some(kind) = kind {
+                    // A name with the list's separators cannot be listed: it comes back a string.
+                    if !name.contains(['=', ';']) {
+                        if !self.types.is_empty() {
+                            self.types.push(b';');
+                        }
+                        self.types.extend_from_slice(name.as_bytes());
+                        self.types.push(b'=');
+                        self.types.extend_from_slice(kind.as_bytes());
+                    }
+                }
+                self.push_name(name);
+                self.headers
+                    .push((self.names.len() - name.len()..self.names.len(), value));
+            }
+        }
+        let routing_key = self.property("routing-key", message.routing_key().as_bytes());
+        if self.key.is_none() && !message.routing_key().is_empty() {
+            self.key = Some(routing_key);
+        }
+        self.property("exchange", message.exchange().as_bytes());
+        self.text_property("content-type", s(p.content_type()));
+        self.text_property("content-encoding", s(p.content_encoding()));
+        self.number_property("delivery-mode", p.delivery_mode().map(u64::from));
+        self.number_property("priority", p.priority().map(u64::from));
+        self.text_property("correlation-id", s(p.correlation_id()));
+        self.text_property("reply-to", s(p.reply_to()));
+        self.text_property("expiration", s(p.expiration()));
+        self.text_property("message-id", s(p.message_id()));
+        self.number_property("timestamp", *p.timestamp());
+        self.text_property("type", s(p.kind()));
+        self.text_property("user-id", s(p.user_id()));
+        self.text_property("app-id", s(p.app_id()));
+        self.text_property("cluster-id", s(p.cluster_id()));
+        if !self.types.is_empty() {
+            let at = self.values.len();
+            self.values.extend_from_slice(&self.types);
+            self.push_name(TYPES_HEADER);
+            let name = self.names.len() - TYPES_HEADER.len()..self.names.len();
+            self.headers.push((name, Some(at..self.values.len())));
+        }
+        self.timestamp_ms = p
+            .timestamp()
+            .and_then(|s| i64::try_from(s).ok())
+            .and_then(|s| s.checked_mul(1000));
+    }
+
+    fn push_name(&mut self, name: &str) {
+        self.names.push_str(name);
+    }
+
+    /// Adds the header `x-amqp-<property>` with `value`; returns where the value is.
+    fn property(&mut self, property: &str, value: &[u8]) -> Range<usize> {
+        let name_at = self.names.len();
+        self.names.push_str(PROPERTY_PREFIX);
+        self.names.push_str(property);
+        let at = self.values.len();
+        self.values.extend_from_slice(value);
+        let value = at..self.values.len();
+        self.headers
+            .push((name_at..self.names.len(), Some(value.clone())));
+        value
+    }
+
+    fn text_property(&mut self, property: &str, value: Option<&[u8]>) {
+        if let Some(v) = value {
+            self.property(property, v);
+        }
+    }
+
+    fn number_property(&mut self, property: &str, value: Option<u64>) {
+        if let Some(v) = value {
+            let mut digits = [0u8; 20];
+            self.property(property, decimal(v, &mut digits));
+        }
+    }
+}
+
+fn s(v: &Option<ShortString>) -> Option<&[u8]> {
+    v.as_ref().map(|v| v.as_str().as_bytes())
+}
+
+/// `v` in decimal, written at the end of `buf`.
+fn decimal(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            return &buf[at..];
+        }
     }
 }
 
 /// The record `message` is produced as. `key_header` names the header whose value is the key.
 pub fn to_record(message: &Message, key_header: Option<&str>) -> Record {
-    let p = message.properties();
-    let mut headers: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(8);
-    let mut types: Vec<String> = Vec::new();
-    let mut key: Option<Vec<u8>> = None;
-    if let Some(table) = p.headers() {
-        for (name, value) in table.inner() {
-            let name = name.as_str();
-            let Some((bytes, kind)) = header_value(value) else {
-                tracing::debug!(
-                    header = name,
-                    "kafka bridge: nested header value dropped (tables and arrays are not mapped)"
-                );
-                continue;
-            };
-            if key_header == Some(name) {
-                key = bytes.clone();
-            }
-            if let Some(kind) = kind {
-                // A name with the list's separators cannot be listed: it comes back a string.
-                if !name.contains(['=', ';']) {
-                    types.push(format!("{name}={kind}"));
-                }
-            }
-            headers.push((name.to_string(), bytes));
-        }
-    }
-    let key = key.or_else(|| {
-        let rk = message.routing_key();
-        (!rk.is_empty()).then(|| rk.as_bytes().to_vec())
-    });
-    let mut text = |name: &str, value: Option<String>| {
-        if let Some(v) = value {
-            headers.push((format!("{PROPERTY_PREFIX}{name}"), Some(v.into_bytes())));
-        }
-    };
-    let s = |v: &Option<ShortString>| v.as_ref().map(|v| v.as_str().to_string());
-    text("routing-key", Some(message.routing_key().to_string()));
-    text("exchange", Some(message.exchange().to_string()));
-    text("content-type", s(p.content_type()));
-    text("content-encoding", s(p.content_encoding()));
-    text("delivery-mode", p.delivery_mode().map(|v| v.to_string()));
-    text("priority", p.priority().map(|v| v.to_string()));
-    text("correlation-id", s(p.correlation_id()));
-    text("reply-to", s(p.reply_to()));
-    text("expiration", s(p.expiration()));
-    text("message-id", s(p.message_id()));
-    text("timestamp", p.timestamp().map(|v| v.to_string()));
-    text("type", s(p.kind()));
-    text("user-id", s(p.user_id()));
-    text("app-id", s(p.app_id()));
-    text("cluster-id", s(p.cluster_id()));
-    if !types.is_empty() {
-        headers.push((TYPES_HEADER.to_string(), Some(types.join(";").into_bytes())));
-    }
-    let timestamp_ms = p
-        .timestamp()
-        .and_then(|s| i64::try_from(s).ok())
-        .and_then(|s| s.checked_mul(1000));
-    Record {
-        key,
-        headers,
-        timestamp_ms,
-    }
+    Record::of(message, key_header)
 }
 
-/// A header value's bytes (`None`: null) and its type name when it is not a string; `None`
-/// for tables and arrays.
-#[allow(clippy::type_complexity)]
-fn header_value(value: &AMQPValue) -> Option<(Option<Vec<u8>>, Option<&'static str>)> {
-    let text = |v: String, kind: &'static str| Some((Some(v.into_bytes()), Some(kind)));
+/// Appends a header value's bytes to `out`. Returns whether the value is present (`false`: a
+/// null value) and its type name when it is not a string; `None` for tables and arrays.
+fn write_header_value(
+    value: &AMQPValue,
+    out: &mut Vec<u8>,
+) -> Option<(bool, Option<&'static str>)> {
+    use std::io::Write as _;
+    // Writing to a Vec cannot fail.
+    let mut text = |v: &dyn std::fmt::Display, kind: &'static str| {
+        let _ = write!(out, "{v}");
+        Some((true, Some(kind)))
+    };
     match value {
-        AMQPValue::Boolean(v) => text(v.to_string(), "bool"),
-        AMQPValue::ShortShortInt(v) => text(v.to_string(), "i8"),
-        AMQPValue::ShortShortUInt(v) => text(v.to_string(), "u8"),
-        AMQPValue::ShortInt(v) => text(v.to_string(), "i16"),
-        AMQPValue::ShortUInt(v) => text(v.to_string(), "u16"),
-        AMQPValue::LongInt(v) => text(v.to_string(), "i32"),
-        AMQPValue::LongUInt(v) => text(v.to_string(), "u32"),
-        AMQPValue::LongLongInt(v) => text(v.to_string(), "i64"),
-        AMQPValue::Float(v) => text(v.to_string(), "f32"),
-        AMQPValue::Double(v) => text(v.to_string(), "f64"),
+        AMQPValue::Boolean(v) => text(v, "bool"),
+        AMQPValue::ShortShortInt(v) => text(v, "i8"),
+        AMQPValue::ShortShortUInt(v) => text(v, "u8"),
+        AMQPValue::ShortInt(v) => text(v, "i16"),
+        AMQPValue::ShortUInt(v) => text(v, "u16"),
+        AMQPValue::LongInt(v) => text(v, "i32"),
+        AMQPValue::LongUInt(v) => text(v, "u32"),
+        AMQPValue::LongLongInt(v) => text(v, "i64"),
+        AMQPValue::Float(v) => text(v, "f32"),
+        AMQPValue::Double(v) => text(v, "f64"),
+        AMQPValue::Timestamp(v) => text(v, "timestamp"),
         // A decimal comes back as its text: the scale is not kept.
         AMQPValue::DecimalValue(d) => {
             let scaled = d.value as f64 / 10f64.powi(i32::from(d.scale));
-            Some((Some(scaled.to_string().into_bytes()), None))
+            let _ = write!(out, "{scaled}");
+            Some((true, None))
         }
-        AMQPValue::ShortString(v) => Some((Some(v.as_str().as_bytes().to_vec()), None)),
-        AMQPValue::LongString(v) => Some((Some(v.as_bytes().to_vec()), None)),
-        AMQPValue::Timestamp(v) => text(v.to_string(), "timestamp"),
-        AMQPValue::ByteArray(v) => Some((Some(v.as_slice().to_vec()), Some("bytes"))),
-        AMQPValue::Void => Some((None, Some("void"))),
+        AMQPValue::ShortString(v) => {
+            out.extend_from_slice(v.as_str().as_bytes());
+            Some((true, None))
+        }
+        AMQPValue::LongString(v) => {
+            out.extend_from_slice(v.as_bytes());
+            Some((true, None))
+        }
+        AMQPValue::ByteArray(v) => {
+            out.extend_from_slice(v.as_slice());
+            Some((true, Some("bytes")))
+        }
+        AMQPValue::Void => Some((false, Some("void"))),
         AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) => None,
     }
 }
@@ -304,16 +405,12 @@ mod tests {
 
     fn round_trip(message: &Message, key_header: Option<&str>) -> (Record, Message) {
         let record = to_record(message, key_header);
-        let headers: Vec<(&str, Option<&[u8]>)> = record
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_deref()))
-            .collect();
+        let headers: Vec<(&str, Option<&[u8]>)> = record.headers().collect();
         let back = from_parts(
             "t",
             2,
             41,
-            record.key.as_deref(),
+            record.key(),
             Some(message.body()),
             Some(5_000),
             &headers,
@@ -354,7 +451,7 @@ mod tests {
             Bytes::from_static(b"\0hi"),
         );
         let (record, back) = round_trip(&m, None);
-        assert_eq!(record.key.as_deref(), Some(&b"a.b"[..]));
+        assert_eq!(record.key(), Some(&b"a.b"[..]));
         assert_eq!(record.timestamp_ms, Some(1_700_000_000_000));
         assert_eq!(back.body(), m.body());
         assert_eq!(back.routing_key(), "a.b");
@@ -387,18 +484,15 @@ mod tests {
             Bytes::new(),
         );
         assert_eq!(
-            to_record(&with_header, Some("customer")).key.as_deref(),
+            to_record(&with_header, Some("customer")).key(),
             Some(&b"c-9"[..])
         );
         assert_eq!(
-            to_record(&without, Some("customer")).key.as_deref(),
+            to_record(&without, Some("customer")).key(),
             Some(&b"rk"[..])
         );
-        assert_eq!(
-            to_record(&with_header, None).key.as_deref(),
-            Some(&b"rk"[..])
-        );
-        assert_eq!(to_record(&empty_rk, None).key, None);
+        assert_eq!(to_record(&with_header, None).key(), Some(&b"rk"[..]));
+        assert_eq!(to_record(&empty_rk, None).key(), None);
     }
 
     #[test]
@@ -433,9 +527,6 @@ mod tests {
             AMQPProperties::default().with_headers(headers),
             Bytes::new(),
         );
-        assert!(!to_record(&nested, None)
-            .headers
-            .iter()
-            .any(|(k, _)| k == "t"));
+        assert!(!to_record(&nested, None).headers().any(|(k, _)| k == "t"));
     }
 }

@@ -10,8 +10,8 @@
 //!
 //! One `ThreadedProducer` per bridge (`acks=all`, `enable.idempotence`, `compression.type`,
 //! `linger.ms`, `message.timeout.ms` from the configuration). [`Backend::publish`] never
-//! blocks: it maps the message to a record (`mapping.rs`) and hands it to the **engine task**
-//! over an unbounded channel (the gateway's confirm window bounds it). The engine produces it;
+//! blocks: it hands the message to the **engine task** over an unbounded channel (the gateway's
+//! confirm window bounds it). The engine maps it to a record (`mapping.rs`) and produces it;
 //! librdkafka batches, compresses, retries and keeps order per partition by itself. The
 //! publisher's guard travels with the record as its delivery opaque and is released in the
 //! delivery report callback when the broker acknowledged the record (with `acks=all`: every
@@ -84,9 +84,9 @@ pub struct KafkaStats {
 /// A message the bridge owes a completion for; it rides through librdkafka as the record's
 /// delivery opaque.
 pub(crate) struct Pending {
-    topic: String,
+    topic: Arc<str>,
+    /// The record is mapped from the message each time it is produced (see the engine).
     message: Message,
-    record: mapping::Record,
     attempts: u32,
     guard: Option<Guard>,
 }
@@ -124,6 +124,9 @@ pub(crate) struct Shared {
     pub(crate) runtime: tokio::runtime::Handle,
     /// Set by the producer's error callback on a fatal error: the engine rebuilds it.
     producer_fatal: AtomicBool,
+    /// The topic last published to, shared by the pending messages for it: a bridge mostly
+    /// publishes to few topics, so this spares an allocation per message.
+    last_topic: Mutex<Arc<str>>,
 }
 
 impl Shared {
@@ -356,9 +359,12 @@ async fn engine(
     let mut closed = shared.closed.subscribe();
     let mut waiting: VecDeque<Box<Pending>> = VecDeque::new();
     // What a record borrows while `send` copies it, kept across records so that producing one
-    // allocates nothing here (the pending message moves into the record as its opaque).
+    // allocates nothing here (the pending message moves into the record as its opaque). The
+    // key and headers are mapped from the message here rather than in `publish`: nothing of
+    // them has to be kept until the delivery report (librdkafka copies them).
     let mut topic = String::new();
-    let mut key: Vec<u8> = Vec::new();
+    let mut record = mapping::Record::default();
+    let key_header = shared.config.key_header.clone();
     loop {
         if shared.producer_fatal.swap(false, Ordering::AcqRel) {
             match build_producer(&shared, &intake) {
@@ -399,24 +405,21 @@ async fn engine(
                 waiting.push_front(p);
                 break;
             }
-            let headers = p.record.owned_headers();
-            if topic != p.topic {
-                topic.clone_from(&p.topic);
+            record.fill(&p.message, key_header.as_deref());
+            let headers = record.owned_headers();
+            if *topic != *p.topic {
+                topic.clear();
+                topic.push_str(&p.topic);
             }
-            let has_key = p.record.key.as_ref().map(|k| {
-                key.clear();
-                key.extend_from_slice(k);
-            });
-            let timestamp = p.record.timestamp_ms;
             // librdkafka copies the value (RD_KAFKA_MSG_F_COPY): the borrow ends with `send`.
             let message = p.message.clone();
             let mut base = BaseRecord::with_opaque_to(&topic, p)
                 .payload(message.body())
                 .headers(headers);
-            if has_key.is_some() {
-                base = base.key(&key[..]);
+            if let Some(key) = record.key() {
+                base = base.key(key);
             }
-            if let Some(ts) = timestamp {
+            if let Some(ts) = record.timestamp_ms {
                 base = base.timestamp(ts);
             }
             match producer.send(base) {
@@ -497,6 +500,7 @@ impl KafkaBridge {
             closed: watch::channel(false).0,
             runtime: runtime.clone(),
             producer_fatal: AtomicBool::new(false),
+            last_topic: Mutex::new(Arc::from("")),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         // librdkafka checks every property here: a misspelt option is a configuration error.
@@ -525,9 +529,15 @@ impl Backend for KafkaBridge {
 
     fn publish(&self, destination: &str, message: Message, guard: Guard) {
         self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
+        let topic = {
+            let mut last = self.shared.last_topic.lock();
+            if **last != *destination {
+                *last = Arc::from(destination);
+            }
+            last.clone()
+        };
         let pending = Box::new(Pending {
-            topic: destination.to_string(),
-            record: mapping::to_record(&message, self.shared.config.key_header.as_deref()),
+            topic,
             message,
             attempts: 0,
             guard: Some(guard),
