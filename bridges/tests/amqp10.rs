@@ -493,3 +493,64 @@ async fn broker_restart_mid_stream_loses_no_accepted_message() {
         .await
         .unwrap();
 }
+
+/// RabbitMQ's plugin ends the session of a refused attach (a queue that does not exist): the
+/// subscription that asked for it retries alone, while the senders and the other subscriptions
+/// keep their links and the connection stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_to_a_missing_queue_leaves_the_other_links_alone() {
+    let _lock = broker_lock(false);
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let queue = unique("neighbour");
+    declare(&ch, &queue, FieldTable::default()).await;
+    let address = format!("/amq/queue/{queue}");
+
+    let bridge = Amqp10Bridge::start("amqp10-missing", &config(100, retry(5, 50, 500))).unwrap();
+    wait_ready(&bridge).await;
+    let mut sub = bridge.subscribe(&address, 10).await.unwrap();
+    let _missing = bridge
+        .subscribe(&format!("/amq/queue/{}", unique("missing")), 10)
+        .await
+        .unwrap();
+
+    // Long enough for the missing queue's subscription to be refused several times (its
+    // backoff starts at 100 ms).
+    let outcomes = Arc::new(Outcomes::default());
+    let count = 30;
+    let mut health_seen = Vec::new();
+    for i in 0..count {
+        bridge.publish(
+            &address,
+            message("k", BasicProperties::default(), format!("m{i}")),
+            outcomes.guard(i),
+        );
+        for _ in 0..10 {
+            let health = bridge.health();
+            if health != Health::Ready && !health_seen.contains(&health) {
+                health_seen.push(health);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    outcomes.wait_done(count, Duration::from_secs(20)).await;
+    assert!(outcomes.failed.lock().unwrap().is_empty());
+    assert!(
+        health_seen.is_empty(),
+        "the connection was disturbed by the refused attach: {health_seen:?}"
+    );
+    let mut received = Vec::new();
+    while received.len() < count {
+        let got = next(&mut sub).await;
+        received.push(String::from_utf8_lossy(got.message.body()).into_owned());
+        got.settle.settle(Settlement::Ack);
+    }
+    received.sort();
+    received.dedup();
+    assert_eq!(received.len(), count, "every message arrived once");
+    drop(sub);
+    bridge.close().await;
+    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}

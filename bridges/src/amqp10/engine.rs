@@ -218,6 +218,11 @@ pub(crate) struct Link {
     session_idle_timeout: Option<Duration>,
     /// The session the peer granted (the attach's session filter), when it named one.
     session: Option<String>,
+    /// The AMQP session the link lives on, its own: a refused attach ends its session at some
+    /// peers (RabbitMQ's plugin, for a queue that does not exist), and that must not take the
+    /// senders' session and the other subscriptions down with it. Declared last so the links
+    /// above are dropped (detached) before the session ends.
+    _amqp_session: SessionHandle<()>,
 }
 
 struct Conn {
@@ -579,6 +584,14 @@ impl Engine {
                 terminus.add_to_filter_using_legacy_format(Symbol::from(SESSION_FILTER), value);
         }
         let next_available = self.options.receive_session.as_deref() == Some("*");
+        let mut amqp_session =
+            match timeout(STEP_TIMEOUT, Session::begin(&mut conn.connection)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    return Err(format!("cannot begin a session for '{source}': {e}"));
+                }
+                Err(_) => return Err(format!("beginning a session for '{source}' timed out")),
+            };
         let attach = Receiver::builder()
             .name(name)
             .source(terminus.build())
@@ -587,7 +600,7 @@ impl Engine {
             // fe2o3 refuses an answer whose filter value is null, which is what a peer echoing
             // the next-available-session request sends; the filter is checked below instead.
             .verify_incoming_source(!next_available)
-            .attach(&mut conn.session);
+            .attach(&mut amqp_session);
         let receiver = match timeout(STEP_TIMEOUT, attach).await {
             Ok(Ok(receiver)) => receiver,
             Ok(Err(e)) => return Err(format!("cannot attach a receiver to '{source}': {e}")),
@@ -638,7 +651,7 @@ impl Engine {
             let prefix = format!("warren-{}-mgmt", self.name);
             match timeout(
                 STEP_TIMEOUT,
-                MgmtLink::attach(&mut conn.session, &node, &prefix),
+                MgmtLink::attach(&mut amqp_session, &node, &prefix),
             )
             .await
             {
@@ -660,6 +673,7 @@ impl Engine {
             management,
             session_idle_timeout: self.options.session_idle_timeout,
             session,
+            _amqp_session: amqp_session,
         })
     }
 
@@ -854,14 +868,13 @@ impl Engine {
         };
         // A dead connection often shows first as failed transfers or links; its own end says
         // best why (an idle timeout above all), so it is given a moment to tell.
+        // Asked even when `is_closed()` already says so: that only means the connection's event
+        // loop stopped, and its outcome (the reason) is still waiting to be read. Asking twice
+        // (after the `on_close` branch above) just answers `IllegalState`.
         let mut broken = broken;
-        if !conn.connection.is_closed() {
-            if let Ok(Err(e)) =
-                timeout(Duration::from_millis(200), conn.connection.on_close()).await
-            {
-                if is_idle_timeout(&e) {
-                    broken = self.describe_close(Err(e));
-                }
+        if let Ok(Err(e)) = timeout(Duration::from_millis(200), conn.connection.on_close()).await {
+            if is_idle_timeout(&e) {
+                broken = self.describe_close(Err(e));
             }
         }
         // Unsettled messages go back, in order, to be resent on the next connection.
