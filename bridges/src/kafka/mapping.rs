@@ -105,7 +105,7 @@ impl Record {
                     );
                     continue;
                 };
-                let value = present.then(|| at..self.values.len());
+                let value = present.then_some(at..self.values.len());
                 if key_header == Some(name) {
                     self.key = value.clone();
                 }
