@@ -44,7 +44,8 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use warren_backends::{BackendError, Incoming, Message, Settle, Settlement, Subscription};
 
-use super::{backoff_delay, log_line, mapping, Shared};
+use super::{log_line, mapping, Shared};
+use crate::retry::backoff_delay;
 
 /// How often moved positions are committed.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(200);

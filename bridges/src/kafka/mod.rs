@@ -39,6 +39,7 @@
 mod consume;
 pub mod mapping;
 
+use crate::retry::backoff_delay;
 use crate::status::LinkStatus;
 pub(crate) use crate::status::State;
 use std::collections::VecDeque;
@@ -459,22 +460,6 @@ async fn engine(
     }
 }
 
-/// Exponential backoff with jitter: retry `n` (1-based) waits a random time in
-/// `[max(initial, d/2), d]` where `d = min(initial * 2^(n-1), max)`.
-pub(crate) fn backoff_delay(retry: &RetryConfig, failures: u32) -> Duration {
-    let initial = retry.initial_backoff_ms.max(1);
-    let max = retry.max_backoff_ms.max(initial);
-    let exp = failures.saturating_sub(1).min(40);
-    let ceiling = initial.saturating_mul(1u64 << exp).min(max);
-    let floor = (ceiling / 2).max(initial).min(ceiling);
-    let ms = if floor == ceiling {
-        ceiling
-    } else {
-        rand::Rng::gen_range(&mut rand::thread_rng(), floor..=ceiling)
-    };
-    Duration::from_millis(ms)
-}
-
 /// The Kafka bridge. Build one with [`KafkaBridge::start`] (or [`crate::build`]).
 pub struct KafkaBridge {
     shared: Arc<Shared>,
@@ -615,19 +600,6 @@ impl Backend for KafkaBridge {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let retry = RetryConfig {
-            max_attempts: 1,
-            initial_backoff_ms: 100,
-            max_backoff_ms: 1000,
-        };
-        assert_eq!(backoff_delay(&retry, 1), Duration::from_millis(100));
-        let d = backoff_delay(&retry, 3);
-        assert!(d >= Duration::from_millis(200) && d <= Duration::from_millis(400));
-        assert!(backoff_delay(&retry, 30) <= Duration::from_millis(1000));
-    }
 
     #[test]
     fn permanent_errors() {
