@@ -2227,3 +2227,44 @@ async fn amqps_with_a_ca_file_and_sasl_external_with_a_client_certificate() {
     bridge.close().await;
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
+
+/// `receive_session: "*"` asks Service Bus to hold the attach at most 20 s
+/// (`com.microsoft:timeout`, a uint of milliseconds in the attach's properties), so the
+/// service's "no session available" answer comes before the bridge's own 30 s step timeout;
+/// a named session's attach does not carry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_available_session_attach_names_the_service_bus_timeout() {
+    // The symbol, then the uint 20,000 in its four-byte encoding.
+    let mut wanted = vec![0xa3, 21];
+    wanted.extend_from_slice(b"com.microsoft:timeout");
+    wanted.extend_from_slice(&[0x70, 0x00, 0x00, 0x4e, 0x20]);
+    let has_timeout = |bytes: &[u8]| bytes.windows(wanted.len()).any(|w| w == &wanted[..]);
+
+    for (n, session) in ["*", "customer-7"].into_iter().enumerate() {
+        let mut script = Script::new(&["orders-in"]);
+        script
+            .sessions
+            .insert("orders-in".into(), vec![("customer-7", vec!["c1"])]);
+        let mut fake = Fake::start(script).await;
+        let proxy = Proxy::start(fake.port).await;
+        let mut cfg = fake.config_at(proxy.port, KEY);
+        cfg.receive_session = Some(session.into());
+        let bridge = Amqp10Bridge::start("sb-session-timeout", &cfg).unwrap();
+        let mut sub = bridge.subscribe("orders-in", 5).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(20), sub.next())
+            .await
+            .expect("no message within 20s")
+            .expect("subscription ended");
+        assert_eq!(got.message.body(), b"c1");
+        got.settle.settle(Settlement::Ack);
+        let sent = proxy.sent.lock().unwrap()[0].lock().unwrap().clone();
+        assert_eq!(
+            has_timeout(&sent),
+            n == 0,
+            "receive_session {session:?}: com.microsoft:timeout in the attach"
+        );
+        let _ = fake.drain(Duration::from_millis(100)).await;
+        drop(sub);
+        bridge.close().await;
+    }
+}

@@ -13,7 +13,7 @@ use fe2o3_amqp::link::SendError;
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
-use fe2o3_amqp_types::definitions::{Error as AmqpError, ErrorCondition};
+use fe2o3_amqp_types::definitions::{Error as AmqpError, ErrorCondition, Fields};
 use fe2o3_amqp_types::messaging::{Body, Modified, Outcome, Source};
 use fe2o3_amqp_types::primitives::{SimpleValue, Symbol, Timestamp};
 use futures_util::stream::FuturesUnordered;
@@ -33,6 +33,8 @@ use super::{credit_to_grant, mapping, sas, Command, Pending};
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The source filter that asks Service Bus for a session of a session-enabled entity.
 pub(crate) const SESSION_FILTER: &str = "com.microsoft:session-filter";
+/// Service Bus's attach property: how long (ms) the service may hold the attach.
+const SERVICEBUS_TIMEOUT: &str = "com.microsoft:timeout";
 
 /// Where and how to connect.
 #[derive(Clone)]
@@ -207,7 +209,28 @@ fn tls_connector(config: &Amqp10Backend) -> Result<tokio_rustls::TlsConnector, S
 }
 
 /// Where the engine answers a subscription's request for a receiver link.
-type LinkReply = oneshot::Sender<Result<Link, String>>;
+type LinkReply = oneshot::Sender<Result<Link, AttachFailure>>;
+
+/// Why a receiver link could not be attached.
+#[derive(Debug)]
+pub(crate) enum AttachFailure {
+    /// `receive_session: "*"` and no session has messages: the normal state of an idle
+    /// session-enabled entity, not an error. The peer already held the attach for
+    /// `NEXT_SESSION_WAIT`, so the subscription simply asks again.
+    NoSessionAvailable(String),
+    Failed(String),
+}
+
+impl From<String> for AttachFailure {
+    fn from(reason: String) -> Self {
+        AttachFailure::Failed(reason)
+    }
+}
+
+/// How long Service Bus may hold an attach for the next available session
+/// (`com.microsoft:timeout`) before answering that none is: below `STEP_TIMEOUT`, so the
+/// peer's answer, not our timer, ends the wait.
+const NEXT_SESSION_WAIT: Duration = Duration::from_secs(20);
 
 /// A receiver link the engine attached for a subscription.
 pub(crate) struct Link {
@@ -566,7 +589,7 @@ impl Engine {
         }
     }
 
-    async fn attach_receiver(&self, conn: &mut Conn, source: &str) -> Result<Link, String> {
+    async fn attach_receiver(&self, conn: &mut Conn, source: &str) -> Result<Link, AttachFailure> {
         self.authorize(conn, source, false).await?;
         let name = format!(
             "warren-{}-in-{source}-{:08x}",
@@ -588,28 +611,52 @@ impl Engine {
             match timeout(STEP_TIMEOUT, Session::begin(&mut conn.connection)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    return Err(format!("cannot begin a session for '{source}': {e}"));
+                    return Err(format!("cannot begin a session for '{source}': {e}").into());
                 }
-                Err(_) => return Err(format!("beginning a session for '{source}' timed out")),
+                Err(_) => {
+                    return Err(format!("beginning a session for '{source}' timed out").into());
+                }
             };
-        let attach = Receiver::builder()
+        let mut builder = Receiver::builder()
             .name(name)
             .source(terminus.build())
             .credit_mode(CreditMode::Manual)
             .auto_accept(false)
             // fe2o3 refuses an answer whose filter value is null, which is what a peer echoing
             // the next-available-session request sends; the filter is checked below instead.
-            .verify_incoming_source(!next_available)
-            .attach(&mut amqp_session);
+            .verify_incoming_source(!next_available);
+        if next_available {
+            let mut properties = Fields::new();
+            properties.insert(
+                Symbol::from(SERVICEBUS_TIMEOUT),
+                Value::Uint(NEXT_SESSION_WAIT.as_millis() as u32),
+            );
+            builder = builder.properties(properties);
+        }
+        let attach = builder.attach(&mut amqp_session);
         let receiver = match timeout(STEP_TIMEOUT, attach).await {
             Ok(Ok(receiver)) => receiver,
-            Ok(Err(e)) => return Err(format!("cannot attach a receiver to '{source}': {e}")),
-            Err(_) => return Err(format!("attaching a receiver to '{source}' timed out")),
+            Ok(Err(e)) => {
+                return Err(format!("cannot attach a receiver to '{source}': {e}").into());
+            }
+            Err(_) if next_available => {
+                return Err(AttachFailure::NoSessionAvailable(format!(
+                    "no session available on '{source}' within {} s",
+                    STEP_TIMEOUT.as_secs()
+                )));
+            }
+            Err(_) => return Err(format!("attaching a receiver to '{source}' timed out").into()),
         };
         if next_available {
+            if receiver.source().is_none() {
+                // Service Bus answers so when no session had messages within the wait.
+                let _ = timeout(Duration::from_secs(2), receiver.close()).await;
+                return Err(AttachFailure::NoSessionAvailable(format!(
+                    "no session available on '{source}'"
+                )));
+            }
             let refusal = match receiver.source() {
-                // Service Bus answers so when no session becomes available in time.
-                None => Some(format!("no session available on '{source}'")),
+                None => None,
                 Some(s)
                     if !s
                         .filter
@@ -625,7 +672,7 @@ impl Engine {
             };
             if let Some(reason) = refusal {
                 let _ = timeout(Duration::from_secs(2), receiver.close()).await;
-                return Err(reason);
+                return Err(reason.into());
             }
         }
         let mut session = None;
@@ -1212,7 +1259,13 @@ async fn subscription_task(
         }
         let mut link = match answer.await {
             Err(_) => return,
-            Ok(Err(reason)) => {
+            Ok(Err(AttachFailure::NoSessionAvailable(reason))) => {
+                // The peer held the attach while it waited; ask again after a short pause.
+                tracing::debug!(backend = %name, %source, %reason, "amqp10: no session available yet; asking again");
+                sleep(backoff(&retry, 1)).await;
+                continue;
+            }
+            Ok(Err(AttachFailure::Failed(reason))) => {
                 failures += 1;
                 tracing::warn!(backend = %name, %source, %reason, "amqp10: subscription cannot attach; retrying");
                 sleep(backoff(&retry, failures)).await;

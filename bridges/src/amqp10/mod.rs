@@ -91,7 +91,7 @@ pub(crate) enum Command {
     Subscribe {
         source: String,
         prefetch: u16,
-        reply: oneshot::Sender<Result<engine::Link, String>>,
+        reply: oneshot::Sender<Result<engine::Link, engine::AttachFailure>>,
     },
     Close(oneshot::Sender<()>),
 }
