@@ -27,24 +27,17 @@ The RabbitMQ queues exist already (the Rust test declares them, MAIN dead-letter
 Prints one line per check; exits non-zero with a clear message on the first failure.
 """
 
-import argparse
 import datetime
 import decimal
 import json
-import shlex
-import signal
-import subprocess
 import sys
-import threading
 import time
-import traceback
 
-try:
-    import pika
-    import pika.exceptions
-except ImportError as exc:  # pragma: no cover - environment problem, not a Warren bug
-    print(f"FAIL: cannot import pika ({exc}); run scripts/test.sh to create target/pyenv", flush=True)
-    sys.exit(2)
+from interop_checks import (CheckFailed, ConsumerThread, expect, expect_eq, publish_across_restart, require,
+                            run_checks, warren_arguments)
+
+require("pika", "pika.exceptions")
+import pika  # noqa: E402 - after the guard
 
 OVERALL_TIMEOUT_SECS = 150
 # How long messages may take to come back once published.
@@ -53,20 +46,6 @@ RECEIVE_WAIT_SECS = 60.0
 USER = "guest"
 # Long enough never to expire in the queue during a run.
 EXPIRATION = "3600000"
-
-
-class CheckFailed(Exception):
-    pass
-
-
-def expect(cond, what):
-    if not cond:
-        raise CheckFailed(what)
-
-
-def expect_eq(actual, expected, what):
-    if actual != expected:
-        raise CheckFailed(f"{what}: expected {expected!r}, got {actual!r}")
 
 
 def python_type(value):
@@ -302,114 +281,30 @@ class Run:
         self.wait_empty(self.args.dlq)
 
     def check_restart(self):
-        consumer = RestartConsumer(self.params, self.args.queue)
-        consumer.start()
-        expect(consumer.ready.wait(20), "the consumer did not start within 20 s")
-        count = self.args.count
-        sent = confirmed = nacked = during_restart = 0
-        confirmed_seqs = set()
-        restart = None
-        slowest_confirm = 0.0
-        seq = 0
-        # Publish --count messages, restarting the broker halfway; keep publishing until the
-        # restart is over, so some publishes certainly meet a broker that is down.
-        while seq < count or (restart is not None and restart.poll() is None):
-            if seq == count // 2 and restart is None:
-                restart = subprocess.Popen(shlex.split(self.args.restart_cmd),
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            if restart is not None and restart.poll() is None:
-                during_restart += 1
-            sent += 1
-            t0 = time.monotonic()
-            try:
-                self.publish("restart", seq)
-                slowest_confirm = max(slowest_confirm, time.monotonic() - t0)
-                confirmed += 1
-                confirmed_seqs.add(seq)
-            except pika.exceptions.NackError:
-                nacked += 1
-            seq += 1
-        _, err = restart.communicate(timeout=120)
-        expect(restart.returncode == 0,
-               f"{self.args.restart_cmd} failed ({restart.returncode}): {err.decode()}")
-
-        deadline = time.monotonic() + RECEIVE_WAIT_SECS
-        while True:
-            received, errors = consumer.snapshot()
-            missing = sorted(confirmed_seqs - received.keys())
-            if errors or not missing or time.monotonic() > deadline:
-                break
-            self.conn.process_data_events(time_limit=0.1)
-        consumer.stop.set()
-        consumer.join(10)
-        received, errors = consumer.snapshot()
-        missing = sorted(confirmed_seqs - received.keys())
-        duplicates = sum(n - 1 for n in received.values())
-        print(f"     sent={sent} confirmed={confirmed} nacked={nacked} received={len(received)} "
-              f"duplicates={duplicates} redelivered={consumer.redelivered} "
-              f"published_during_restart={during_restart} "
-              f"slowest_confirm_ms={slowest_confirm * 1000:.0f}", flush=True)
-        if errors:
-            raise CheckFailed(f"{len(errors)} bad deliveries, first: {errors[0]}")
-        expect(not missing, f"{len(missing)} confirmed messages never received, e.g. {missing[:10]}")
-        expect_eq(nacked, 0, "publishes nacked (the bridge retries forever)")
-        expect(during_restart > 0, "no publish happened while the broker restarted")
+        consumer = ConsumerThread(self.params, self.args.queue, restart_delivery)
+        consumer.start_and_wait(20)
+        pub = publish_across_restart(lambda seq: self.publish("restart", seq), self.args.count,
+                                     self.args.restart_cmd, restart_timeout=120)
+        got = consumer.finish(pub.confirmed_seqs, RECEIVE_WAIT_SECS,
+                              lambda: self.conn.process_data_events(time_limit=0.1))
+        print(pub.summary(got, indent="     "), flush=True)
+        got.expect_complete()
+        expect_eq(pub.nacked, 0, "publishes nacked (the bridge retries forever)")
+        expect(pub.during_restart > 0, "no publish happened while the broker restarted")
 
 
-class RestartConsumer(threading.Thread):
-    """Consumes Warren's queue on its own connection, acking each message after checking it."""
-
-    def __init__(self, params, queue):
-        super().__init__(daemon=True)
-        self.params = params
-        self.queue = queue
-        self.stop = threading.Event()
-        self.ready = threading.Event()
-        self.lock = threading.Lock()
-        self.received = {}  # seq -> deliveries
-        self.errors = []
-        self.redelivered = 0
-
-    def on_message(self, channel, method, props, payload):
-        try:
-            check, seq = check_delivery(method, props, payload)
-            expect_eq(check, "restart", "check of the delivery")
-            with self.lock:
-                self.received[seq] = self.received.get(seq, 0) + 1
-                if method.redelivered:
-                    self.redelivered += 1
-        except Exception as exc:  # noqa: BLE001 - recorded, the main thread fails the run
-            with self.lock:
-                self.errors.append(f"{type(exc).__name__}: {exc}")
-        channel.basic_ack(method.delivery_tag)
-
-    def run(self):
-        try:
-            conn = pika.BlockingConnection(self.params)
-            ch = conn.channel()
-            ch.basic_qos(prefetch_count=50)
-            ch.basic_consume(self.queue, self.on_message, auto_ack=False)
-            self.ready.set()
-            while not self.stop.is_set():
-                conn.process_data_events(time_limit=0.1)
-            conn.close()
-        except Exception as exc:  # noqa: BLE001 - recorded, the main thread fails the run
-            with self.lock:
-                self.errors.append(f"consumer: {type(exc).__name__}: {exc}")
-            self.ready.set()
-
-    def snapshot(self):
-        with self.lock:
-            return dict(self.received), list(self.errors)
+def restart_delivery(method, props, payload):
+    """Checks a delivery of the restart check; returns its sequence number."""
+    check, seq = check_delivery(method, props, payload)
+    expect_eq(check, "restart", "check of the delivery")
+    return seq
 
 
 CHECKS = ["properties", "requeue", "dead_letter", "restart"]
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, required=True)
+    ap = warren_arguments(__doc__.splitlines()[0])
     ap.add_argument("--exchange", required=True)
     ap.add_argument("--queue", required=True, help="Warren's queue fed from /amq/queue/MAIN")
     ap.add_argument("--dlq-queue", help="Warren's queue fed from /amq/queue/DLQ")
@@ -429,28 +324,9 @@ def main():
     if "restart" in checks and not args.restart_cmd:
         ap.error("restart needs --restart-cmd")
 
-    def on_alarm(_signum, _frame):
-        raise CheckFailed(f"the run took longer than {OVERALL_TIMEOUT_SECS}s")
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(OVERALL_TIMEOUT_SECS)
-    print(f"pika {pika.__version__}, Warren {args.host}:{args.port}, checks {checks}", flush=True)
-    run = None
-    for name in checks:
-        started = time.monotonic()
-        try:
-            if run is None:
-                run = Run(args)
-            getattr(run, f"check_{name}")()
-        except Exception as exc:  # noqa: BLE001 - any failure is reported the same way
-            traceback.print_exc()
-            detail = str(exc) if isinstance(exc, CheckFailed) else f"unexpected {exc!r}"
-            print(f"FAIL {name}: {detail}", flush=True)
-            return 1
-        print(f"ok   {name} ({time.monotonic() - started:.2f}s)", flush=True)
-    run.conn.close()
-    print(f"all {len(checks)} pika AMQP 1.0 checks passed", flush=True)
-    return 0
+    banner = f"pika {pika.__version__}, Warren {args.host}:{args.port}, checks {checks}"
+    return run_checks(checks, lambda: Run(args), banner=banner, passed="pika AMQP 1.0",
+                      timeout_secs=OVERALL_TIMEOUT_SECS, finish=lambda run: run.conn.close())
 
 
 if __name__ == "__main__":

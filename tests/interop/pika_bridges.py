@@ -17,27 +17,18 @@ summary line: sent, confirmed, nacked, received, duplicates, publishes started w
 restart command ran, and the slowest confirm (the one that waited for the broker to return).
 """
 
-import argparse
 import json
-import shlex
-import subprocess
 import sys
-import threading
 import time
 
-try:
-    import pika
-    import pika.exceptions
-except ImportError as exc:  # pragma: no cover - environment problem, not a Warren bug
-    print(f"FAIL: cannot import pika ({exc}); run scripts/test.sh to create target/pyenv", flush=True)
-    sys.exit(2)
+from interop_checks import CheckFailed, ConsumerThread, publish_across_restart, require, warren_arguments
+
+require("pika", "pika.exceptions")
+import pika  # noqa: E402 - after the guard
+import pika.exceptions  # noqa: E402
 
 # How long, after the last confirm, every confirmed message may take to come back.
 RECEIVE_WAIT_SECS = 60.0
-
-
-class CheckFailed(Exception):
-    pass
 
 
 def text(value):
@@ -61,76 +52,29 @@ def expected_headers(seq):
     return {"seq": seq, "tenant": "acme", "note": "héllo wörld"}
 
 
-class Consumer(threading.Thread):
-    """Consumes the queue on its own connection, acking each message after checking it."""
-
-    def __init__(self, params, queue, typed_headers):
-        super().__init__(daemon=True)
-        self.params = params
-        self.queue = queue
-        self.typed_headers = typed_headers
-        self.stop = threading.Event()
-        self.ready = threading.Event()
-        self.lock = threading.Lock()
-        self.received = {}  # seq -> deliveries
-        self.errors = []
-        self.redelivered = 0
-
-    def check(self, props, body):
-        doc = json.loads(body)
-        seq = doc["seq"]
-        for name, want in expected_properties(seq).items():
-            got = getattr(props, name)
-            if got != want:
-                raise CheckFailed(f"message {seq}: {name} {got!r}, expected {want!r}")
-        headers = props.headers or {}
-        for name, want in expected_headers(seq).items():
-            if name not in headers:
-                raise CheckFailed(f"message {seq}: header {name} missing (headers: {headers!r})")
-            got = headers[name]
-            if self.typed_headers:
-                if got != want or type(got) is not type(want):
-                    raise CheckFailed(f"message {seq}: header {name} {got!r}, expected {want!r}")
-            elif text(got) != str(want):
-                raise CheckFailed(f"message {seq}: header {name} {got!r}, expected {str(want)!r}")
-        return seq
-
-    def on_message(self, channel, method, props, body):
-        try:
-            seq = self.check(props, body)
-            with self.lock:
-                self.received[seq] = self.received.get(seq, 0) + 1
-                if method.redelivered:
-                    self.redelivered += 1
-        except Exception as exc:  # recorded, the main thread fails the run
-            with self.lock:
-                self.errors.append(f"{type(exc).__name__}: {exc}")
-        channel.basic_ack(method.delivery_tag)
-
-    def run(self):
-        try:
-            conn = pika.BlockingConnection(self.params)
-            ch = conn.channel()
-            ch.basic_qos(prefetch_count=50)
-            ch.basic_consume(self.queue, self.on_message, auto_ack=False)
-            self.ready.set()
-            while not self.stop.is_set():
-                conn.process_data_events(time_limit=0.1)
-            conn.close()
-        except Exception as exc:
-            with self.lock:
-                self.errors.append(f"consumer: {type(exc).__name__}: {exc}")
-            self.ready.set()
-
-    def snapshot(self):
-        with self.lock:
-            return dict(self.received), list(self.errors)
+def check_delivery(props, body, typed_headers):
+    """Checks one delivery against what was published for it; returns its sequence number."""
+    doc = json.loads(body)
+    seq = doc["seq"]
+    for name, want in expected_properties(seq).items():
+        got = getattr(props, name)
+        if got != want:
+            raise CheckFailed(f"message {seq}: {name} {got!r}, expected {want!r}")
+    headers = props.headers or {}
+    for name, want in expected_headers(seq).items():
+        if name not in headers:
+            raise CheckFailed(f"message {seq}: header {name} missing (headers: {headers!r})")
+        got = headers[name]
+        if typed_headers:
+            if got != want or type(got) is not type(want):
+                raise CheckFailed(f"message {seq}: header {name} {got!r}, expected {want!r}")
+        elif text(got) != str(want):
+            raise CheckFailed(f"message {seq}: header {name} {got!r}, expected {str(want)!r}")
+    return seq
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, required=True)
+    ap = warren_arguments()
     ap.add_argument("--exchange", required=True)
     ap.add_argument("--queue", required=True)
     ap.add_argument("--routing-key", default="pika.e2e")
@@ -144,76 +88,31 @@ def main():
         host=args.host, port=args.port, heartbeat=30, blocked_connection_timeout=120,
         credentials=pika.PlainCredentials("guest", "guest"))
 
-    consumer = Consumer(params, args.queue, args.typed_headers)
-    consumer.start()
-    if not consumer.ready.wait(20):
-        raise CheckFailed("the consumer did not start within 20 s")
+    consumer = ConsumerThread(params, args.queue,
+                              lambda _method, props, body: check_delivery(props, body, args.typed_headers))
+    consumer.start_and_wait(20)
 
     conn = pika.BlockingConnection(params)
     ch = conn.channel()
     ch.confirm_delivery()
 
-    sent = confirmed = nacked = 0
-    confirmed_seqs = set()
-    restart = None
-    during_restart = 0
-    slowest_confirm = 0.0
-    seq = 0
-    started = time.monotonic()
-    # Publish --count messages, restarting the broker halfway; keep publishing until the
-    # restart is over, so some publishes certainly meet a broker that is down.
-    while seq < args.count or (restart is not None and restart.poll() is None):
-        if seq == args.count // 2 and restart is None:
-            restart = subprocess.Popen(shlex.split(args.restart_cmd), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE)
-        if restart is not None and restart.poll() is None:
-            during_restart += 1
+    def publish(seq):
         props = pika.BasicProperties(headers=expected_headers(seq), **expected_properties(seq))
         body = json.dumps({"seq": seq}).encode()
-        sent += 1
-        t0 = time.monotonic()
         try:
             ch.basic_publish(args.exchange, args.routing_key, body, props)
-            slowest_confirm = max(slowest_confirm, time.monotonic() - t0)
-            confirmed += 1
-            confirmed_seqs.add(seq)
-        except pika.exceptions.NackError:
-            nacked += 1
         except pika.exceptions.UnroutableError:
             raise CheckFailed(f"message {seq} was returned unroutable")
-        seq += 1
-    publish_secs = time.monotonic() - started
-    out, err = restart.communicate(timeout=60)
-    if restart.returncode != 0:
-        raise CheckFailed(f"{args.restart_cmd} failed ({restart.returncode}): {err.decode()}")
+
+    pub = publish_across_restart(publish, args.count, args.restart_cmd, restart_timeout=60)
     conn.close()
 
-    deadline = time.monotonic() + RECEIVE_WAIT_SECS
-    while True:
-        received, errors = consumer.snapshot()
-        if errors:
-            break
-        missing = sorted(confirmed_seqs - received.keys())
-        if not missing or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    consumer.stop.set()
-    consumer.join(10)
-    received, errors = consumer.snapshot()
-    missing = sorted(confirmed_seqs - received.keys())
-    duplicates = sum(n - 1 for n in received.values())
-    print(f"sent={sent} confirmed={confirmed} nacked={nacked} received={len(received)} "
-          f"duplicates={duplicates} redelivered={consumer.redelivered} "
-          f"published_during_restart={during_restart} publish_secs={publish_secs:.1f} "
-          f"slowest_confirm_ms={slowest_confirm * 1000:.0f}",
-          flush=True)
-    if errors:
-        raise CheckFailed(f"{len(errors)} bad deliveries, first: {errors[0]}")
-    if missing:
-        raise CheckFailed(f"{len(missing)} confirmed messages never received, e.g. {missing[:10]}")
-    if nacked:
-        raise CheckFailed(f"{nacked} publishes nacked (the bridge retries forever: none expected)")
-    if during_restart == 0:
+    got = consumer.finish(pub.confirmed_seqs, RECEIVE_WAIT_SECS, lambda: time.sleep(0.1))
+    print(pub.summary(got, publish_secs=True), flush=True)
+    got.expect_complete()
+    if pub.nacked:
+        raise CheckFailed(f"{pub.nacked} publishes nacked (the bridge retries forever: none expected)")
+    if pub.during_restart == 0:
         raise CheckFailed("no publish happened while the broker restarted")
     print("OK: every confirmed message received with its properties and headers", flush=True)
 

@@ -10,36 +10,18 @@ queues, asserting the values and Python types pika decodes from what RabbitMQ 3.
 one line per check and exits non-zero with a clear message on the first failure.
 """
 
-import argparse
 import datetime
-import signal
 import sys
 import time
-import traceback
 
-try:
-    import pika
-    import pika.exceptions
-except ImportError as exc:  # pragma: no cover - environment problem, not a Warren bug
-    print(f"FAIL: cannot import pika ({exc}); create target/pyenv with pika==1.3.2", flush=True)
-    sys.exit(2)
+from interop_checks import CheckFailed, expect, expect_eq, require, run_checks, warren_arguments
+
+require("pika", "pika.exceptions", hint="create target/pyenv with pika==1.3.2")
+import pika  # noqa: E402 - after the guard
+import pika.exceptions  # noqa: E402
 
 # The whole script takes a few seconds; a hang is a failure, not a stuck CI job.
 OVERALL_TIMEOUT_SECS = 120
-
-
-class CheckFailed(Exception):
-    pass
-
-
-def expect(cond, what):
-    if not cond:
-        raise CheckFailed(what)
-
-
-def expect_eq(actual, expected, what):
-    if actual != expected:
-        raise CheckFailed(f"{what}: expected {expected!r}, got {actual!r}")
 
 
 class Extensions:
@@ -318,31 +300,13 @@ CHECKS = [
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser = warren_arguments(__doc__.splitlines()[0])
     args = parser.parse_args()
 
-    def on_alarm(_signum, _frame):
-        raise CheckFailed(f"the run took longer than {OVERALL_TIMEOUT_SECS}s")
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(OVERALL_TIMEOUT_SECS)
-
-    print(f"pika {pika.__version__}, Python {sys.version.split()[0]}, broker {args.host}:{args.port}", flush=True)
+    banner = f"pika {pika.__version__}, Python {sys.version.split()[0]}, broker {args.host}:{args.port}"
     run = Extensions(args.host, args.port)
-    for name in CHECKS:
-        started = time.monotonic()
-        try:
-            getattr(run, f"check_{name}")()
-        except Exception as exc:  # noqa: BLE001 - any failure is reported the same way
-            traceback.print_exc()
-            detail = str(exc) if isinstance(exc, CheckFailed) else f"unexpected {exc!r}"
-            print(f"FAIL {name}: {detail}", flush=True)
-            return 1
-        print(f"ok   {name} ({time.monotonic() - started:.2f}s)", flush=True)
-    print(f"all {len(CHECKS)} pika extension checks passed", flush=True)
-    return 0
+    return run_checks(CHECKS, lambda: run, banner=banner, passed="pika extension",
+                      timeout_secs=OVERALL_TIMEOUT_SECS)
 
 
 if __name__ == "__main__":

@@ -18,38 +18,21 @@ Checks, with boto3 (installed with moto in the same virtualenv) looking at SQS i
 Prints one line per check; exits non-zero with a clear message on the first failure.
 """
 
-import argparse
 import os
-import signal
 import subprocess
 import sys
 import time
-import traceback
 
-try:
-    import boto3
-    import pika
-    import pika.exceptions
-except ImportError as exc:  # pragma: no cover - environment problem, not a Warren bug
-    print(f"FAIL: cannot import pika/boto3 ({exc}); run scripts/test.sh (pika) and scripts/moto.sh start (moto, boto3)", flush=True)
-    sys.exit(2)
+from interop_checks import CheckFailed, expect, expect_eq, require, run_checks, warren_arguments
+
+require("boto3", "pika", "pika.exceptions", label="pika/boto3",
+        hint="run scripts/test.sh (pika) and scripts/moto.sh start (moto, boto3)")
+import boto3  # noqa: E402 - after the guard
+import pika  # noqa: E402
+import pika.exceptions  # noqa: E402
 
 OVERALL_TIMEOUT_SECS = 150
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class CheckFailed(Exception):
-    pass
-
-
-def expect(cond, what):
-    if not cond:
-        raise CheckFailed(what)
-
-
-def expect_eq(actual, expected, what):
-    if actual != expected:
-        raise CheckFailed(f"{what}: expected {expected!r}, got {actual!r}")
 
 
 def moto(arg):
@@ -198,36 +181,16 @@ CHECKS = ["publish_with_confirms", "server_killed_and_restarted_under_confirms",
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser = warren_arguments(__doc__.splitlines()[0])
     args = parser.parse_args()
     sqs_url = os.environ.get("WARREN_TEST_SQS_URL")
     if not sqs_url:
         print("FAIL: WARREN_TEST_SQS_URL is not set (scripts/moto.sh start)", flush=True)
         return 2
 
-    def on_alarm(_signum, _frame):
-        raise CheckFailed(f"the run took longer than {OVERALL_TIMEOUT_SECS}s")
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(OVERALL_TIMEOUT_SECS)
-    print(f"pika {pika.__version__}, boto3 {boto3.__version__}, broker {args.host}:{args.port}, SQS {sqs_url}", flush=True)
-    run = None
-    for name in CHECKS:
-        started = time.monotonic()
-        try:
-            if run is None:
-                run = Run(args.host, args.port, sqs_url)
-            getattr(run, f"check_{name}")()
-        except Exception as exc:  # noqa: BLE001 - any failure is reported the same way
-            traceback.print_exc()
-            detail = str(exc) if isinstance(exc, CheckFailed) else f"unexpected {exc!r}"
-            print(f"FAIL {name}: {detail}", flush=True)
-            return 1
-        print(f"ok   {name} ({time.monotonic() - started:.2f}s)", flush=True)
-    print(f"all {len(CHECKS)} pika SQS checks passed", flush=True)
-    return 0
+    banner = f"pika {pika.__version__}, boto3 {boto3.__version__}, broker {args.host}:{args.port}, SQS {sqs_url}"
+    return run_checks(CHECKS, lambda: Run(args.host, args.port, sqs_url), banner=banner,
+                      passed="pika SQS", timeout_secs=OVERALL_TIMEOUT_SECS)
 
 
 if __name__ == "__main__":
