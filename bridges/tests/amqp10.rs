@@ -92,6 +92,7 @@ fn config(max_in_flight: usize, retry: RetryConfig) -> Amqp10Backend {
         receive_session: None,
         session_idle_timeout_ms: None,
         idle_timeout_ms: 60_000,
+        address_capabilities: Default::default(),
         retry,
     }
 }

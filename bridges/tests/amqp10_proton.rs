@@ -49,6 +49,7 @@ fn config(max_in_flight: usize) -> Amqp10Backend {
         receive_session: None,
         session_idle_timeout_ms: None,
         idle_timeout_ms: 60_000,
+        address_capabilities: Default::default(),
         retry: RetryConfig {
             max_attempts: 5,
             initial_backoff_ms: 50,

@@ -893,6 +893,7 @@ impl Fake {
             receive_session: None,
             session_idle_timeout_ms: None,
             idle_timeout_ms: 60_000,
+            address_capabilities: Default::default(),
             retry: retry(3, 20, 100),
         }
     }
@@ -2162,6 +2163,7 @@ async fn amqps_with_a_ca_file_and_sasl_external_with_a_client_certificate() {
         receive_session: None,
         session_idle_timeout_ms: None,
         idle_timeout_ms: 60_000,
+        address_capabilities: Default::default(),
         retry: retry(0, 50, 200),
     };
 

@@ -150,8 +150,35 @@ pub struct Amqp10Backend {
     /// AMQP 1.0 spec (2.4.5) recommends. 0: no idle timeout. Default: 60000, as Azure's clients.
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
+    /// AMQP 1.0 address → the terminus capability its links carry (`queue` or `topic`): a
+    /// sender's target or a receiver's source. ActiveMQ Artemis reads them as the routing type
+    /// (anycast / multicast) of an auto-created address and of the queue a receiver consumes
+    /// from; an address not listed carries none, leaving it to the broker's defaults.
+    #[serde(default, deserialize_with = "unique_map")]
+    pub address_capabilities: BTreeMap<String, AddressCapability>,
     #[serde(default)]
     pub retry: RetryConfig,
+}
+
+/// The terminus capability an amqp10 address's links carry (ActiveMQ Artemis and Qpid JMS
+/// spell them so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AddressCapability {
+    /// Point-to-point: Artemis routes it ANYCAST.
+    Queue,
+    /// Publish-subscribe: Artemis routes it MULTICAST.
+    Topic,
+}
+
+impl AddressCapability {
+    /// The capability symbol as it goes on the wire.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            AddressCapability::Queue => "queue",
+            AddressCapability::Topic => "topic",
+        }
+    }
 }
 
 fn default_token_lifetime() -> u64 {

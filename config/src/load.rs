@@ -688,6 +688,23 @@ fn check_amqp10(b: &crate::file::Amqp10Backend) -> Result<(), (Vec<&'static str>
         }
         _ => {}
     }
+    for address in b.address_capabilities.keys() {
+        if address.is_empty() {
+            return Err((
+                vec!["address_capabilities"],
+                "an address must not be empty (keys are AMQP 1.0 addresses, as in a route's \
+                 `destination` or a queue's `source`)"
+                    .into(),
+            ));
+        }
+        // Links attach to the address as written: a stray space would never match a route.
+        if address.trim() != address {
+            return Err((
+                vec!["address_capabilities"],
+                format!("the address {address:?} starts or ends with whitespace"),
+            ));
+        }
+    }
     if b.idle_timeout_ms != 0
         && !(MIN_IDLE_TIMEOUT_MS..=u64::from(u32::MAX)).contains(&b.idle_timeout_ms)
     {
@@ -2020,6 +2037,7 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
                 receive_session: None,
                 session_idle_timeout_ms: None,
                 idle_timeout_ms: 60_000,
+                address_capabilities: Default::default(),
                 retry: RetryConfig::default(),
             })
         );
@@ -2089,8 +2107,35 @@ Unmatched messages: reject (returned to a mandatory publisher, nacked under conf
                 ("url: \"amqp://h\", client_cert_file: c.pem, client_key_file: k.pem", "needs an `amqps://` url"),
                 ("url: \"amqps://u:p@h\", client_cert_file: c.pem, client_key_file: k.pem", "not both"),
                 ("url: \"amqp://h\", token_lifetime_secs: 0", "backends.b.token_lifetime_secs: must be at least 1"),
+                ("url: \"amqp://h\", address_capabilities: {orders: anycast}", "unknown variant `anycast`, expected `queue` or `topic`"),
+                ("url: \"amqp://h\", address_capabilities: {orders: Queue}", "unknown variant `Queue`, expected `queue` or `topic`"),
+                ("url: \"amqp://h\", address_capabilities: {\"\": queue}", "backends.b.address_capabilities: an address must not be empty"),
+                ("url: \"amqp://h\", address_capabilities: {\" orders\": queue}", "backends.b.address_capabilities: the address \" orders\" starts or ends with whitespace"),
+                ("url: \"amqp://h\", address_capabilities: {orders: queue, orders: topic}", "duplicate key `orders`"),
+                ("url: \"amqp://h\", address_capabilities: [orders]", "invalid type: sequence, expected a map"),
             ],
         );
+    }
+
+    #[test]
+    fn amqp10_address_capabilities() {
+        use crate::file::AddressCapability;
+        let text = "backends:\n  b: {type: amqp10, url: \"amqp://h\", address_capabilities: \
+                    {orders: queue, events: topic, \"events::audit\": topic}}\n";
+        let Some(BackendConfig::Amqp10(b)) = parse_env(text, &[]).unwrap().backends.remove("b")
+        else {
+            panic!("not an amqp10 backend")
+        };
+        assert_eq!(b.address_capabilities["orders"], AddressCapability::Queue);
+        assert_eq!(b.address_capabilities["events"], AddressCapability::Topic);
+        assert_eq!(b.address_capabilities["events::audit"].symbol(), "topic");
+        assert_eq!(AddressCapability::Queue.symbol(), "queue");
+        let text = "backends:\n  b: {type: amqp10, url: \"amqp://h\"}\n";
+        let Some(BackendConfig::Amqp10(b)) = parse_env(text, &[]).unwrap().backends.remove("b")
+        else {
+            panic!("not an amqp10 backend")
+        };
+        assert!(b.address_capabilities.is_empty());
     }
 
     #[test]

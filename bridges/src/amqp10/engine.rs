@@ -14,7 +14,7 @@ use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use fe2o3_amqp_types::definitions::{Error as AmqpError, ErrorCondition, Fields};
-use fe2o3_amqp_types::messaging::{Body, Modified, Outcome, Source};
+use fe2o3_amqp_types::messaging::{Body, Modified, Outcome, Source, Target};
 use fe2o3_amqp_types::primitives::{SimpleValue, Symbol, Timestamp};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
@@ -23,7 +23,7 @@ use serde_amqp::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep, timeout, Instant};
 use warren_backends::{Health, Incoming, Settle, Settlement, Subscription};
-use warren_config::file::{Amqp10Backend, Amqp10Target, RetryConfig};
+use warren_config::file::{AddressCapability, Amqp10Backend, Amqp10Target, RetryConfig};
 use warren_config::servicebus::ConnectionString;
 
 use super::management::{lock_token, MgmtError, MgmtLink};
@@ -131,6 +131,9 @@ pub(crate) struct Options {
     pub tls: Option<tokio_rustls::TlsConnector>,
     /// A client certificate is configured: log in with SASL EXTERNAL.
     pub external: bool,
+    /// The terminus capability (`queue` / `topic`) the links to an address carry: ActiveMQ
+    /// Artemis picks the routing type from it.
+    pub address_capabilities: BTreeMap<String, AddressCapability>,
 }
 
 impl Options {
@@ -151,7 +154,16 @@ impl Options {
                 .then(|| Duration::from_millis(config.idle_timeout_ms)),
             tls,
             external: config.client_cert_file.is_some(),
+            address_capabilities: config.address_capabilities.clone(),
         })
+    }
+
+    /// The capabilities a sender's target or a receiver's source for `address` carries, if
+    /// the address is configured with one.
+    fn capabilities_for(&self, address: &str) -> Option<Vec<Symbol>> {
+        self.address_capabilities
+            .get(address)
+            .map(|capability| vec![Symbol::from(capability.symbol())])
     }
 }
 
@@ -597,6 +609,9 @@ impl Engine {
             rand::random::<u32>()
         );
         let mut terminus = Source::builder().address(source.to_string());
+        if let Some(capabilities) = self.options.capabilities_for(source) {
+            terminus = terminus.capabilities(capabilities);
+        }
         if let Some(session) = &self.options.receive_session {
             // Service Bus: a session id, or null for the next available session.
             let value = match session.as_str() {
@@ -740,7 +755,14 @@ impl Engine {
                 p.destination,
                 rand::random::<u32>()
             );
-            let attach = Sender::attach(&mut conn.session, name, p.destination.clone());
+            let mut target = Target::builder().address(p.destination.clone());
+            if let Some(capabilities) = self.options.capabilities_for(&p.destination) {
+                target = target.capabilities(capabilities);
+            }
+            let attach = Sender::builder()
+                .name(name)
+                .target(target.build())
+                .attach(&mut conn.session);
             match timeout(STEP_TIMEOUT, attach).await {
                 Ok(Ok(s)) => {
                     let id = self.next_link_id.fetch_add(1, Ordering::Relaxed);
