@@ -80,20 +80,10 @@ fn unique(prefix: &str) -> String {
 fn config(max_in_flight: usize, retry: RetryConfig) -> Amqp10Backend {
     Amqp10Backend {
         url: Some(amqp10_url()),
-        connection_string: None,
         target: Some(Amqp10Target::Rabbitmq),
-        max_message_size: None,
         max_in_flight,
-        token_lifetime_secs: 3600,
-        ca_file: None,
-        client_cert_file: None,
-        client_key_file: None,
-        session_id_header: None,
-        receive_session: None,
-        session_idle_timeout_ms: None,
-        idle_timeout_ms: 60_000,
-        address_capabilities: Default::default(),
         retry,
+        ..Default::default()
     }
 }
 

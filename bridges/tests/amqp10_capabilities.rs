@@ -128,18 +128,8 @@ fn attached(attach: &Attach) -> Attached {
 fn config(port: u16) -> Amqp10Backend {
     Amqp10Backend {
         url: Some(format!("amqp://127.0.0.1:{port}")),
-        connection_string: None,
         target: Some(Amqp10Target::Generic),
-        max_message_size: None,
         max_in_flight: 10,
-        token_lifetime_secs: 3600,
-        ca_file: None,
-        client_cert_file: None,
-        client_key_file: None,
-        session_id_header: None,
-        receive_session: None,
-        session_idle_timeout_ms: None,
-        idle_timeout_ms: 60_000,
         address_capabilities: [
             ("orders".to_string(), AddressCapability::Queue),
             ("events".to_string(), AddressCapability::Topic),
@@ -151,6 +141,7 @@ fn config(port: u16) -> Amqp10Backend {
             initial_backoff_ms: 50,
             max_backoff_ms: 200,
         },
+        ..Default::default()
     }
 }
 

@@ -37,24 +37,14 @@ fn url() -> String {
 fn config(max_in_flight: usize) -> Amqp10Backend {
     Amqp10Backend {
         url: Some(url()),
-        connection_string: None,
         target: Some(Amqp10Target::Generic),
-        max_message_size: None,
         max_in_flight,
-        token_lifetime_secs: 3600,
-        ca_file: None,
-        client_cert_file: None,
-        client_key_file: None,
-        session_id_header: None,
-        receive_session: None,
-        session_idle_timeout_ms: None,
-        idle_timeout_ms: 60_000,
-        address_capabilities: Default::default(),
         retry: RetryConfig {
             max_attempts: 5,
             initial_backoff_ms: 50,
             max_backoff_ms: 500,
         },
+        ..Default::default()
     }
 }
 

@@ -880,21 +880,10 @@ impl Fake {
     /// The bridge's configuration with the namespace reached at `port` (e.g. through a proxy).
     fn config_at(&self, port: u16, key: &str) -> Amqp10Backend {
         Amqp10Backend {
-            url: None,
             connection_string: Some(connection_string_at(port, key)),
-            target: None,
-            max_message_size: None,
             max_in_flight: 100,
-            token_lifetime_secs: 3600,
-            ca_file: None,
-            client_cert_file: None,
-            client_key_file: None,
-            session_id_header: None,
-            receive_session: None,
-            session_idle_timeout_ms: None,
-            idle_timeout_ms: 60_000,
-            address_capabilities: Default::default(),
             retry: retry(3, 20, 100),
+            ..Default::default()
         }
     }
 
@@ -2151,20 +2140,13 @@ async fn amqps_with_a_ca_file_and_sasl_external_with_a_client_certificate() {
     let path = |f: &str| pki.dir.join(f).to_string_lossy().into_owned();
     let config = |ca: &str, client: bool| Amqp10Backend {
         url: Some(format!("amqps://localhost:{port}")),
-        connection_string: None,
         target: Some(Amqp10Target::Generic),
-        max_message_size: None,
         max_in_flight: 10,
-        token_lifetime_secs: 3600,
         ca_file: Some(path(ca)),
         client_cert_file: client.then(|| path("client.pem")),
         client_key_file: client.then(|| path("client.key")),
-        session_id_header: None,
-        receive_session: None,
-        session_idle_timeout_ms: None,
-        idle_timeout_ms: 60_000,
-        address_capabilities: Default::default(),
         retry: retry(0, 50, 200),
+        ..Default::default()
     };
 
     // With a client certificate: TLS verified against the CA file, SASL EXTERNAL.

@@ -181,6 +181,30 @@ impl AddressCapability {
     }
 }
 
+/// What a backend written as an empty map gets (before validation, which then asks for a
+/// `url` or a `connection_string`): lets code and tests name only the fields they set.
+impl Default for Amqp10Backend {
+    fn default() -> Self {
+        Amqp10Backend {
+            url: None,
+            connection_string: None,
+            target: None,
+            max_message_size: None,
+            max_in_flight: default_in_flight(),
+            token_lifetime_secs: default_token_lifetime(),
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            session_id_header: None,
+            receive_session: None,
+            session_idle_timeout_ms: None,
+            idle_timeout_ms: default_idle_timeout_ms(),
+            address_capabilities: BTreeMap::new(),
+            retry: RetryConfig::default(),
+        }
+    }
+}
+
 fn default_token_lifetime() -> u64 {
     3600
 }
@@ -793,4 +817,15 @@ where
     }
 
     deserializer.deserialize_map(UniqueMap(std::marker::PhantomData))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_amqp10_backend_by_default_is_what_an_empty_map_gives() {
+        let parsed: Amqp10Backend = serde_yaml::from_str("{}").unwrap();
+        assert_eq!(parsed, Amqp10Backend::default());
+    }
 }
