@@ -49,13 +49,7 @@ fn broker_lock(exclusive: bool) -> File {
 }
 
 async fn connect() -> Connection {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
-        )
-        .with_test_writer()
-        .try_init();
+    support::init_logs();
     let url = url();
     match tokio::time::timeout(
         Duration::from_secs(20),

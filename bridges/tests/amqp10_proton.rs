@@ -57,13 +57,7 @@ fn unique(prefix: &str) -> String {
 }
 
 async fn start(name: &str, max_in_flight: usize) -> Arc<Amqp10Bridge> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
-        )
-        .with_test_writer()
-        .try_init();
+    support::init_logs();
     let bridge = Amqp10Bridge::start(name, &config(max_in_flight)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while bridge.health() != Health::Ready {

@@ -118,6 +118,18 @@ pub fn start_server_with_plan(plan: warren_gateway::routes::RoutingPlan) -> Serv
         .spawn()
 }
 
+/// The URL of a real broker the suite started (`var`, set by scripts/test.sh); panics with how
+/// to start it (`scripts/<script>.sh`) when unset: such a test fails, it never skips.
+pub fn broker_url(var: &str, script: &str, what: &str) -> String {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "{var} is not set: this test needs a real {what}. Run scripts/test.sh, or \
+             `scripts/{script}.sh start` and export {var}=$(scripts/{script}.sh url)"
+        ),
+    }
+}
+
 /// The lock on a shared test broker, `target/<dir>/tests.lock`, taken by the bridge tests too:
 /// shared while a test uses the broker, exclusive while a test restarts it.
 pub fn broker_lock(dir: &str, exclusive: bool) -> std::fs::File {

@@ -31,14 +31,7 @@ async fn within<F: std::future::Future>(f: F) -> F::Output {
 }
 
 fn kafka_url() -> String {
-    match std::env::var("WARREN_TEST_KAFKA_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
-            "WARREN_TEST_KAFKA_URL is not set: this test needs a real Kafka-protocol broker. Run \
-             scripts/test.sh, or `scripts/tansu.sh start` and export \
-             WARREN_TEST_KAFKA_URL=$(scripts/tansu.sh url)"
-        ),
-    }
+    warren_tests::broker_url("WARREN_TEST_KAFKA_URL", "tansu", "Kafka-protocol broker")
 }
 
 /// Shared with the bridge tests: a restart of the broker needs it alone.

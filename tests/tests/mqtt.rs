@@ -24,14 +24,7 @@ async fn within<F: std::future::Future>(f: F) -> F::Output {
 }
 
 fn mqtt_url() -> String {
-    match std::env::var("WARREN_TEST_MQTT_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
-            "WARREN_TEST_MQTT_URL is not set: this test needs a real MQTT broker. Run \
-             scripts/test.sh, or `scripts/mosquitto.sh start` and export \
-             WARREN_TEST_MQTT_URL=$(scripts/mosquitto.sh url)"
-        ),
-    }
+    warren_tests::broker_url("WARREN_TEST_MQTT_URL", "mosquitto", "MQTT broker")
 }
 
 /// Shared with the bridge tests: a restart of the broker needs it alone.

@@ -29,14 +29,11 @@ const QUEUE: &str = "pika-amqp10-in";
 const DLQ_QUEUE: &str = "pika-amqp10-dlq";
 
 fn rabbit_url() -> String {
-    match std::env::var("WARREN_TEST_RABBITMQ_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
-            "WARREN_TEST_RABBITMQ_URL is not set: this test needs a real RabbitMQ with the \
-             rabbitmq_amqp1_0 plugin. Run scripts/test.sh, or `scripts/rabbitmq.sh start` and \
-             export WARREN_TEST_RABBITMQ_URL=$(scripts/rabbitmq.sh url)"
-        ),
-    }
+    warren_tests::broker_url(
+        "WARREN_TEST_RABBITMQ_URL",
+        "rabbitmq",
+        "RabbitMQ with the rabbitmq_amqp1_0 plugin",
+    )
 }
 
 /// The AMQP 1.0 URL of the same listener: the 0-9-1 URL without its vhost path.

@@ -18,13 +18,7 @@ use warren_gateway::plan::build_plan;
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(240);
 
 fn env_url(var: &str, script: &str) -> String {
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
-            "{var} is not set: this test needs the real broker. Run scripts/test.sh, or \
-             `scripts/{script}.sh start` and export {var}=$(scripts/{script}.sh url)"
-        ),
-    }
+    warren_tests::broker_url(var, script, "broker")
 }
 
 /// The broker's test lock, exclusive: this test restarts it (shared with the bridge tests).

@@ -22,14 +22,7 @@ async fn within<F: std::future::Future>(f: F) -> F::Output {
 }
 
 fn redis_url() -> String {
-    match std::env::var("WARREN_TEST_REDIS_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
-            "WARREN_TEST_REDIS_URL is not set: this test needs a real Redis. Run \
-             scripts/test.sh, or `scripts/redis.sh start` and export \
-             WARREN_TEST_REDIS_URL=$(scripts/redis.sh url)"
-        ),
-    }
+    warren_tests::broker_url("WARREN_TEST_REDIS_URL", "redis", "Redis")
 }
 
 /// Shared with the bridge tests: a restart of the server needs it alone.

@@ -28,14 +28,7 @@ async fn within<F: std::future::Future>(f: F) -> F::Output {
 }
 
 fn sqs_url() -> String {
-    match std::env::var("WARREN_TEST_SQS_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
-            "WARREN_TEST_SQS_URL is not set: this test needs a real SQS-compatible server. Run \
-             scripts/test.sh, or `scripts/moto.sh start` and export \
-             WARREN_TEST_SQS_URL=$(scripts/moto.sh url)"
-        ),
-    }
+    warren_tests::broker_url("WARREN_TEST_SQS_URL", "moto", "SQS-compatible server")
 }
 
 /// Shared with the bridge tests (whose restart test needs the server alone). Exclusive here:

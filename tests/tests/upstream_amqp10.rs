@@ -22,14 +22,11 @@ async fn within<F: std::future::Future>(f: F) -> F::Output {
 }
 
 fn rabbit_url() -> String {
-    match std::env::var("WARREN_TEST_RABBITMQ_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
-            "WARREN_TEST_RABBITMQ_URL is not set: this test needs a real RabbitMQ with the \
-             rabbitmq_amqp1_0 plugin. Run scripts/test.sh, or `scripts/rabbitmq.sh start` and \
-             export WARREN_TEST_RABBITMQ_URL=$(scripts/rabbitmq.sh url)"
-        ),
-    }
+    warren_tests::broker_url(
+        "WARREN_TEST_RABBITMQ_URL",
+        "rabbitmq",
+        "RabbitMQ with the rabbitmq_amqp1_0 plugin",
+    )
 }
 
 /// Shared with the bridge tests: a restart of the broker needs it alone.
