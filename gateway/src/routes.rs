@@ -20,9 +20,7 @@ pub struct Route {
     pub exchange: String,
     pub routing_key: String,
     /// The routing-key pattern as a one-entry topic trie: the same rules as a topic binding.
-    /// `None` when the pattern has no wildcard word: then it matches only the routing key
-    /// equal to it, compared as a string (the trie's matching allocates per message).
-    pattern: Option<TopicTrie<()>>,
+    pattern: TopicTrie<()>,
     pub headers: Vec<(String, String)>,
     pub backend: Arc<dyn Backend>,
     pub destination: String,
@@ -39,12 +37,8 @@ impl Route {
         mode: RouteMode,
     ) -> Route {
         let routing_key = routing_key.into();
-        let wildcard = routing_key.split('.').any(|w| w == "*" || w == "#");
-        let pattern = wildcard.then(|| {
-            let mut trie = TopicTrie::default();
-            trie.insert(&routing_key, ());
-            trie
-        });
+        let mut pattern = TopicTrie::default();
+        pattern.insert(&routing_key, ());
         Route {
             exchange: exchange.into(),
             routing_key,
@@ -60,14 +54,8 @@ impl Route {
         if self.exchange != exchange {
             return false;
         }
-        let hit = match &self.pattern {
-            None => self.routing_key == routing_key,
-            Some(trie) => {
-                let mut hit = false;
-                trie.matches(routing_key, &mut |_| hit = true);
-                hit
-            }
-        };
+        let mut hit = false;
+        self.pattern.matches(routing_key, &mut |_| hit = true);
         hit && self
             .headers
             .iter()

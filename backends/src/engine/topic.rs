@@ -84,8 +84,20 @@ impl<T: PartialEq> TopicTrie<T> {
     /// Calls `found` for every value whose pattern matches `routing_key`. A value stored under
     /// several matching patterns is reported once per pattern; callers dedupe.
     pub fn matches<'a>(&'a self, routing_key: &str, found: &mut dyn FnMut(&'a T)) {
-        let words: Vec<&str> = routing_key.split('.').collect();
-        match_at(&self.root, &words, found);
+        // Every publish to a topic exchange (and every bridged route) comes through here:
+        // routing keys of up to `INLINE` words are split on the stack, not into a `Vec`.
+        const INLINE: usize = 16;
+        let word_count = routing_key.bytes().filter(|&b| b == b'.').count() + 1;
+        if word_count <= INLINE {
+            let mut words = [""; INLINE];
+            for (slot, word) in words.iter_mut().zip(routing_key.split('.')) {
+                *slot = word;
+            }
+            match_at(&self.root, &words[..word_count], found);
+        } else {
+            let words: Vec<&str> = routing_key.split('.').collect();
+            match_at(&self.root, &words, found);
+        }
     }
 }
 
@@ -172,6 +184,20 @@ mod tests {
         });
         out.sort();
         out
+    }
+
+    #[test]
+    fn keys_longer_than_the_inline_split_match_the_same() {
+        let long: Vec<String> = (0..20).map(|i| format!("w{i}")).collect();
+        let key = long.join(".");
+        let mut trie = TopicTrie::default();
+        trie.insert(&key, 1);
+        trie.insert("#.w19", 2);
+        trie.insert("w0.*.#", 3);
+        trie.insert(&long[..16].join("."), 4);
+        assert_eq!(routes(&trie, &key), vec![1, 2, 3]);
+        assert_eq!(routes(&trie, &long[..16].join(".")), vec![3, 4]);
+        assert_eq!(routes(&trie, &long[..17].join(".")), vec![3]);
     }
 
     #[test]
